@@ -1,0 +1,46 @@
+# semray: the two set-up commands the README promises are `make demo` and `make test`.
+# Both create ./.venv on first use (torch pinned to the CPU wheel; a GPU user installs their own torch
+# into the venv first) and reuse it afterwards.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.semray-installed
+# Pinned so pip takes the CPU wheel instead of a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Main job on the embedded defaults: local Ray, local MLflow store under ./mlruns, shipped model.
+demo: install
+	$(BIN)/semray demo --out outputs/demo
+
+## The full test suite (what CI runs).
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check semray tests jobs benchmarks
+	$(BIN)/ruff format --check semray tests jobs benchmarks
+
+format: install
+	$(BIN)/ruff format semray tests jobs benchmarks
+	$(BIN)/ruff check --fix semray tests jobs benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_noise.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

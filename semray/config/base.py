@@ -1,0 +1,135 @@
+"""Shared machinery for every config model: strict pydantic base, YAML loading, clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for all semray configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ConfigError(ValueError):
+    """A config could not be loaded or validated; the message names the source and each bad field."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this config)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, Mapping) or got is None else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b']['c'] = value`` for ``dotted='a.b.c'``, creating dicts on the way."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", "loss.alpha=0.5"]`` into a nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``extra`` (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    cls: type[T],
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> T:
+    """Load and validate a config of type ``cls``.
+
+    Args:
+        cls: the pydantic model to build.
+        source: a YAML file path, an already-parsed mapping, or ``None`` for the model's defaults.
+        overrides: ``key.path=value`` strings applied on top (values parsed as YAML).
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a field is unknown or out of range; the
+            message names the file and every offending field with the value it got.
+    """
+    name = "<defaults>"
+    data: dict[str, Any] = {}
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(
+                f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}"
+            )
+        data = dict(loaded)
+    elif isinstance(source, Mapping):
+        name = "<mapping>"
+        data = dict(source)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """The full config (defaults included) as YAML, for logging and reproduction."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(model: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into ``{"a.b.c": value}`` (lists become their YAML text), for MLflow params."""
+    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix=f"{key}."))
+        elif isinstance(v, list):
+            out[key] = yaml.safe_dump(v, default_flow_style=True).strip()
+        else:
+            out[key] = v
+    return out
