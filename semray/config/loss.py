@@ -1,0 +1,86 @@
+"""Loss configuration: the write-up's composite objective and the baselines it was compared against."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from semray.config.base import StrictModel
+
+LossKind = Literal["composite", "mse_ssim", "l1"]
+
+#: The standard five-scale MS-SSIM exponents (Wang, Simoncelli & Bovik 2003), finest scale first.
+MS_SSIM_WEIGHTS: tuple[float, ...] = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+class LossConfig(StrictModel):
+    """Which training objective to use and its weights (all losses act on the clean-image estimate).
+
+    * ``composite``: ``L = L_char + alpha * (1 - MS-SSIM) + beta * L_edge`` (the write-up's final loss;
+      ``alpha = beta = 0`` is its stage-2 plain Charbonnier run).
+    * ``mse_ssim``: ``L = MSE + ssim_lambda * (1 - SSIM)`` (the write-up's stage-1 baseline).
+    * ``l1``: plain mean absolute error (the CARE-style baseline).
+
+    MS-SSIM defaults (3 scales, 7-px window) work on crops of 25 px and up, so 64 x 64 and 128 x 128
+    training crops are fine; the loss raises a clear error on crops too small for the chosen setting.
+    """
+
+    kind: LossKind = Field("composite", description="Objective: composite, mse_ssim (baseline) or l1.")
+    charbonnier_eps: float = Field(
+        1e-3,
+        gt=0,
+        le=0.1,
+        description="Charbonnier epsilon (intensity units, image range 1): L1-like above it, L2-like below.",
+    )
+    alpha: float = Field(0.5, ge=0, le=100, description="Weight of the (1 - MS-SSIM) term (dimensionless).")
+    beta: float = Field(0.5, ge=0, le=100, description="Weight of the Sobel edge term (dimensionless).")
+    ssim_lambda: float = Field(
+        0.2, ge=0, le=100, description="Weight of (1 - SSIM) in the mse_ssim baseline (dimensionless)."
+    )
+    ssim_win_size: int = Field(
+        11, ge=3, le=21, description="Gaussian window of the baseline's SSIM (px, odd; crops must be >= it)."
+    )
+    ms_ssim_scales: int = Field(
+        3, ge=1, le=5, description="Number of MS-SSIM scales (each a 2x down-sampling of the previous one)."
+    )
+    ms_ssim_weights: list[float] | None = Field(
+        None,
+        description=(
+            "Per-scale MS-SSIM exponents, finest first, one per scale; default: the standard "
+            "(0.0448, 0.2856, 0.3001, 0.2363, 0.1333) truncated to ms_ssim_scales. Renormalised to sum 1."
+        ),
+    )
+    ms_ssim_win_size: int = Field(
+        7, ge=3, le=21, description="Gaussian window of MS-SSIM (px, odd); coarsest scale must be >= it."
+    )
+    ms_ssim_win_sigma: float = Field(1.5, gt=0, le=5, description="Gaussian window sigma (px).")
+
+    @field_validator("ssim_win_size", "ms_ssim_win_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"window size must be odd, got {v}")
+        return v
+
+    @field_validator("ms_ssim_weights")
+    @classmethod
+    def _weights_ok(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(w < 0 for w in v) or sum(v) <= 0):
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_match_scales(self) -> LossConfig:
+        if self.ms_ssim_weights is not None and len(self.ms_ssim_weights) != self.ms_ssim_scales:
+            raise ValueError(
+                f"ms_ssim_weights has {len(self.ms_ssim_weights)} entries but ms_ssim_scales is "
+                f"{self.ms_ssim_scales}"
+            )
+        return self
+
+    def ms_ssim_scale_weights(self) -> list[float]:
+        """The per-scale exponents actually used, renormalised to sum to 1."""
+        raw = self.ms_ssim_weights or list(MS_SSIM_WEIGHTS[: self.ms_ssim_scales])
+        total = sum(raw)
+        return [w / total for w in raw]

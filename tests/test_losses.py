@@ -1,0 +1,268 @@
+"""Losses: minimum at identity, hand-computed values, differentiability, small-crop MS-SSIM, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_msssim
+import torch
+
+from semray.config.base import ConfigError, load_config
+from semray.config.loss import MS_SSIM_WEIGHTS, LossConfig
+from semray.losses import (
+    CharbonnierLoss,
+    CompositeLoss,
+    L1Loss,
+    MSESSIMLoss,
+    MSSSIMLoss,
+    SobelEdgeLoss,
+    build_loss,
+    charbonnier_loss,
+    l1_loss,
+    ms_ssim_loss,
+    mse_ssim_loss,
+    sobel_edge_loss,
+)
+
+C1 = (0.01 * 1.0) ** 2  # SSIM luminance constant for data range 1
+
+
+def _pattern(h: int, w: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A smooth line pattern with some texture, (1, 1, h, w) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.arange(w, dtype=torch.float64)
+    y = torch.arange(h, dtype=torch.float64)[:, None]
+    img = (
+        0.5
+        + 0.3 * torch.sin(x / 3.0) * torch.cos(y / 5.0)
+        + 0.05 * torch.rand(h, w, generator=g, dtype=torch.float64)
+    )
+    return img.clamp(0, 1).to(dtype)[None, None]
+
+
+def _noisy(t: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (t + sigma * torch.randn(t.shape, generator=g, dtype=t.dtype)).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------- Charbonnier
+def test_charbonnier_minimum_is_eps_and_positive_excess_otherwise():
+    t = _pattern(16, 16)
+    assert charbonnier_loss(t, t, eps=1e-3).item() == pytest.approx(1e-3, rel=1e-6)
+    assert charbonnier_loss(_noisy(t, 0.05), t, eps=1e-3).item() > 1e-3 + 0.01
+
+
+def test_charbonnier_hand_value():
+    pred = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    target = torch.tensor([[[[0.3, 0.0], [0.0, 0.4]]]], dtype=torch.float64)
+    eps = 0.1
+    expected = (math.sqrt(0.09 + 0.01) + 2 * 0.1 + math.sqrt(0.16 + 0.01)) / 4
+    assert charbonnier_loss(pred, target, eps).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_charbonnier_is_l1_for_large_errors_and_l2_for_small():
+    eps = 1e-3
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    # large errors: value and gradient those of L1
+    big = torch.full_like(target, 0.4).requires_grad_()
+    v = charbonnier_loss(big, target, eps)
+    v.backward()
+    assert v.item() == pytest.approx(0.4, rel=1e-5)
+    assert torch.allclose(big.grad, torch.full_like(target, 1 / 16), rtol=1e-5)
+    # small errors: eps + d^2 / (2 eps), gradient d / eps (per pixel, before the mean)
+    d = 1e-5
+    small = torch.full_like(target, d).requires_grad_()
+    v = charbonnier_loss(small, target, eps)
+    v.backward()
+    assert (v.item() - eps) == pytest.approx(d**2 / (2 * eps), rel=1e-3)
+    assert torch.allclose(small.grad, torch.full_like(target, d / eps / 16), rtol=1e-3)
+    # and the L2 regime is where MSE-like averaging happens: the gradient grows with the error
+    assert small.grad[0, 0, 0, 0] < big.grad[0, 0, 0, 0] / 50
+
+
+def test_l1_hand_value():
+    pred = torch.tensor([[[[0.1, 0.5], [0.9, 0.2]]]])
+    target = torch.tensor([[[[0.2, 0.5], [0.6, 0.0]]]])
+    assert l1_loss(pred, target).item() == pytest.approx((0.1 + 0.0 + 0.3 + 0.2) / 4, rel=1e-6)
+    assert l1_loss(target, target).item() == 0.0
+
+
+# ------------------------------------------------------------------------------------- MS-SSIM
+@pytest.mark.parametrize("size", [64, 128])
+def test_ms_ssim_default_works_on_training_crops(size: int):
+    loss = build_loss(LossConfig(alpha=1.0, beta=0.0))
+    clean = _pattern(size, size).repeat(4, 1, 1, 1)
+    pred = _noisy(clean, 0.1).requires_grad_()
+    total, parts = loss(pred, clean)
+    total.backward()
+    assert 0.0 < parts["ms_ssim"] < 1.0
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert loss(clean, clean)[1]["ms_ssim"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ms_ssim_too_small_crop_is_a_clear_error():
+    t = _pattern(24, 40)
+    with pytest.raises(ValueError, match="at least 25 px"):
+        ms_ssim_loss(t, t)  # 3 scales, 7-px window need 25 px
+
+
+def test_ms_ssim_constant_images_hand_value():
+    # flat images: every contrast-structure term is exactly 1, so MS-SSIM = luminance ** w_last
+    a, b = 0.2, 0.6
+    pred = torch.full((1, 1, 32, 32), a, dtype=torch.float64)
+    target = torch.full((1, 1, 32, 32), b, dtype=torch.float64)
+    weights = MS_SSIM_WEIGHTS[:3]
+    w_last = weights[-1] / sum(weights)
+    lum = (2 * a * b + C1) / (a * a + b * b + C1)
+    assert ms_ssim_loss(pred, target, weights).item() == pytest.approx(1 - lum**w_last, rel=1e-9)
+
+
+def test_ms_ssim_matches_pytorch_msssim_where_it_applies():
+    clean = _pattern(176, 176, dtype=torch.float64)
+    pred = _noisy(clean, 0.05)
+    weights = [w / sum(MS_SSIM_WEIGHTS) for w in MS_SSIM_WEIGHTS]  # the standard ones sum to 1.0001
+    ours = 1 - ms_ssim_loss(pred, clean, weights, win_size=11)
+    ref = pytorch_msssim.ms_ssim(pred, clean, data_range=1.0, win_size=11, weights=weights)
+    # pytorch_msssim's float32-built window differs from ours in the 8th digit
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_ms_ssim_gradient_stays_finite_for_anticorrelated_images():
+    # negative contrast-structure terms are where relu(x) ** w gives NaN gradients
+    clean = _pattern(64, 64, dtype=torch.float64)
+    pred = (1 - clean).clone().requires_grad_()
+    loss = ms_ssim_loss(pred, clean)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
+# ------------------------------------------------------------------------------------ Sobel edge
+def test_sobel_edge_hand_value_on_a_step():
+    h, w, k, step, eps = 6, 10, 5, 0.8, 1e-3
+    target = torch.zeros(1, 1, h, w, dtype=torch.float64)
+    target[..., k:] = step
+    pred = torch.zeros_like(target)
+    # normalised Sobel: step/2 in x on the two columns either side of the step, 0 elsewhere
+    expected = (2 * h * math.sqrt((step / 2) ** 2 + eps**2) + (h * w - 2 * h) * eps) / (h * w)
+    assert sobel_edge_loss(pred, target, eps).item() == pytest.approx(expected, rel=1e-12)
+    assert sobel_edge_loss(target, target, eps).item() == pytest.approx(eps, rel=1e-9)
+
+
+def test_sobel_edge_penalises_smeared_and_shifted_edges():
+    target = torch.zeros(1, 1, 16, 16)
+    target[..., 8:] = 1.0
+    smeared = torch.zeros_like(target)
+    smeared[..., 6:11] = torch.linspace(0.0, 1.0, 7)[1:6]
+    smeared[..., 11:] = 1.0
+    shifted = torch.roll(target, 2, dims=-1)
+    shifted[..., :2] = 0.0
+    base = sobel_edge_loss(target, target).item()
+    assert sobel_edge_loss(smeared, target).item() > base + 0.02
+    assert sobel_edge_loss(shifted, target).item() > base + 0.05
+
+
+# -------------------------------------------------------------------------------- MSE + SSIM
+def test_mse_ssim_constant_images_hand_value():
+    a, b, lam = 0.3, 0.5, 0.7
+    pred = torch.full((2, 1, 16, 16), a, dtype=torch.float64)
+    target = torch.full((2, 1, 16, 16), b, dtype=torch.float64)
+    ssim_val = (2 * a * b + C1) / (a * a + b * b + C1)
+    expected = (a - b) ** 2 + lam * (1 - ssim_val)
+    assert mse_ssim_loss(pred, target, lam).item() == pytest.approx(expected, rel=1e-9)
+    _, parts = MSESSIMLoss(lam)(pred, target)
+    assert parts["mse"] == pytest.approx((a - b) ** 2) and parts["total"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------- composite
+def test_composite_is_the_weighted_sum_and_minimal_at_identity():
+    loss = CompositeLoss(eps=1e-3, alpha=0.7, beta=0.3)
+    clean = _pattern(64, 64).repeat(2, 1, 1, 1)
+    total, parts = loss(_noisy(clean, 0.08), clean)
+    assert set(parts) == {"charbonnier", "ms_ssim", "edge", "total"}
+    expected = parts["charbonnier"] + 0.7 * parts["ms_ssim"] + 0.3 * parts["edge"]
+    assert total.item() == pytest.approx(expected, rel=1e-6) and parts["total"] == pytest.approx(
+        expected, rel=1e-6
+    )
+    t0, p0 = loss(clean, clean)
+    assert t0.item() == pytest.approx(1.3e-3, rel=1e-3) and p0["ms_ssim"] == pytest.approx(0.0, abs=1e-6)
+    assert total.item() > 10 * t0.item()
+
+
+def test_composite_with_zero_weights_is_plain_charbonnier_and_skips_terms():
+    loss = build_loss(LossConfig(alpha=0.0, beta=0.0))
+    t = _pattern(8, 8)  # too small for MS-SSIM, fine since it is not computed
+    total, parts = loss(_noisy(t, 0.1), t)
+    assert set(parts) == {"charbonnier", "total"}
+    assert total.item() == pytest.approx(charbonnier_loss(_noisy(t, 0.1), t).item())
+
+
+def _tiny_ms_ssim(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ms_ssim_loss(p, t, weights=(0.5, 0.5), win_size=3)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, t: charbonnier_loss(p, t, 1e-2),
+        lambda p, t: l1_loss(p, t),
+        _tiny_ms_ssim,
+        lambda p, t: sobel_edge_loss(p, t, 1e-2),
+        lambda p, t: mse_ssim_loss(p, t, 0.5, win_size=3),
+        lambda p, t: CompositeLoss(1e-2, 0.5, 0.5, ms_ssim_weights=(0.5, 0.5), ms_ssim_win_size=3)(p, t)[0],
+    ],
+    ids=["charbonnier", "l1", "ms_ssim", "edge", "mse_ssim", "composite"],
+)
+def test_losses_pass_gradcheck(fn):
+    g = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 1, 8, 9, generator=g, dtype=torch.float64)
+    pred = (target + 0.2 * torch.rand(2, 1, 8, 9, generator=g, dtype=torch.float64) - 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: fn(p, target), (pred,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module", [CharbonnierLoss(), L1Loss(), MSSSIMLoss(), SobelEdgeLoss(), MSESSIMLoss()]
+)
+def test_every_module_returns_total_and_float_parts(module):
+    clean = _pattern(32, 32)
+    total, parts = module(_noisy(clean, 0.1), clean)
+    assert total.ndim == 0 and total.item() > 0
+    assert all(isinstance(v, float) for v in parts.values()) and parts["total"] == pytest.approx(total.item())
+
+
+def test_inputs_are_checked_up_front():
+    t = _pattern(16, 16)
+    with pytest.raises(ValueError, match="shapes differ"):
+        charbonnier_loss(t, t[..., :15])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        sobel_edge_loss(t[0], t[0])
+    with pytest.raises(ValueError, match="dtype"):
+        l1_loss(t, t.double())
+    with pytest.raises(TypeError):
+        charbonnier_loss(t.numpy(), t)
+
+
+# ------------------------------------------------------------------------------------ config
+def test_build_loss_kinds():
+    assert isinstance(build_loss(LossConfig()), CompositeLoss)
+    assert isinstance(build_loss(LossConfig(kind="mse_ssim")), MSESSIMLoss)
+    assert isinstance(build_loss(LossConfig(kind="l1")), L1Loss)
+    custom = build_loss(LossConfig(ms_ssim_scales=2, ms_ssim_weights=[1.0, 3.0]))
+    assert custom.ms_ssim.weights == [0.25, 0.75]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"alpha": -0.1}, "alpha"),
+        ({"beta": -1}, "beta"),
+        ({"charbonnier_eps": 0}, "charbonnier_eps"),
+        ({"ms_ssim_win_size": 8}, "ms_ssim_win_size"),
+        ({"kind": "mse"}, "kind"),
+        ({"ms_ssim_scales": 3, "ms_ssim_weights": [1.0, 1.0]}, "ms_ssim_weights"),
+        ({"gamma": 1.0}, "gamma"),
+    ],
+)
+def test_loss_config_rejects_bad_values_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match="ms_ssim_weights has" if field == "ms_ssim_weights" else field):
+        load_config(LossConfig, override)
