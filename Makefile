@@ -9,7 +9,7 @@ STAMP := $(VENV)/.semray-installed
 # Pinned so pip takes the CPU wheel instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install install-browser demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## Debian's Chromium for the web-page tests (Playwright drives it; `playwright install` cannot download here).
+install-browser:
+	@test -x /usr/bin/chromium || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || { echo "install Debian's chromium (apt-get install chromium) to run the web-page tests"; exit 1; }; }
+
 ## Main job on the embedded defaults: local Ray, local MLflow store under ./mlruns, shipped model.
 demo: install
 	$(BIN)/semray demo --out outputs/demo
 
 ## The full test suite (what CI runs).
-test: install
+test: install install-browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
