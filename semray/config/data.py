@@ -14,7 +14,7 @@ class PreviewConfig(StrictModel):
 
     n_images: int = Field(4, ge=1, le=16)
     """Rows of the grid (images taken from the start of the train split)."""
-    doses_e_per_px: list[float] = Field(default_factory=lambda: [2.0, 8.0, 32.0, 128.0])
+    doses_e_per_px: list[float] = Field(default_factory=lambda: [10.0, 40.0, 160.0, 600.0])
     """Electron doses (primary electrons per pixel) shown as noisy columns, low to high."""
 
     @field_validator("doses_e_per_px")
