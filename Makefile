@@ -9,7 +9,7 @@ STAMP := $(VENV)/.semray-installed
 # Pinned so pip takes the CPU wheel instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-browser demo test test-fast lint format bench clean
+.PHONY: install install-browser demo test test-fast test-tune-e2e lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ demo: install
 test: install install-browser
 	$(BIN)/python -m pytest -q tests
 
+## The Ray Tune job end-to-end tests (own Ray head, several minutes; see issue 5).
+test-tune-e2e: install
+	$(BIN)/python -m pytest -q -m tune_e2e tests/test_tune.py
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not tune_e2e" tests
 
 lint: install
 	$(BIN)/ruff check semray tests jobs benchmarks

@@ -35,10 +35,16 @@ def tracking_uri() -> str:
 
 
 def artifact_root() -> str | None:
-    """Artifact location for new experiments in the local store; ``None`` when a server decides."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return (semray_home() / "mlartifacts").as_uri()
+    """Artifact location for new experiments; ``None`` when a tracking server decides.
+
+    For a SQLite store (ours or one named by ``MLFLOW_TRACKING_URI``) artifacts go into
+    ``mlartifacts/`` beside the database file, never into ``./mlruns`` of whatever folder the process
+    happens to start in (a submitted job starts in a temporary copy of the project).
+    """
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def configure() -> str:
