@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from semray.config.base import ConfigError
 
 #: Sub-command modules, in the order ``semray --help`` lists them.
-COMMANDS = ("synth", "demo")
+COMMANDS = ("synth", "demo", "ingest", "evaluate", "denoise", "serve", "train", "tune", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

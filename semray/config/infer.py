@@ -1,0 +1,131 @@
+"""Config of inference: the tiled engine, the denoising method, and the batch job over wafer lots."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from semray.config.base import StrictModel
+from semray.io import DEFAULT_MAX_PIXELS
+
+#: ``unet`` plus the classical methods of :data:`semray.classical.METHODS` (kept equal by a test).
+MethodName = Literal["unet", "bm3d", "nlm", "bilateral", "gaussian", "median", "tv"]
+
+
+class InferConfig(StrictModel):
+    """How images are denoised (``semray denoise``, ``jobs/denoise_lots.py``, the app).
+
+    The engine cuts an image into ``tile`` x ``tile`` tiles overlapping by ``overlap`` pixels, runs them
+    through the network ``batch_size`` at a time and blends them with a raised-cosine window, so memory
+    stays bounded for any image size. The batch job runs ``num_actors`` Ray actors, each holding one
+    copy of the model.
+    """
+
+    method: MethodName = Field(
+        "unet", description="Denoiser: 'unet' (a semray model) or a classical method from semray.classical."
+    )
+    model: str | None = Field(
+        None,
+        description=(
+            "Model spec for method 'unet': None/'default' (shipped model), a name in models_dir, a model "
+            "folder path, or an MLflow URI models:/NAME@ALIAS or models:/NAME/VERSION."
+        ),
+    )
+    models_dir: str | None = Field(
+        None, description="Extra folder of named model folders searched before the shipped models."
+    )
+    classical_params: dict[str, float | int | bool | str] = Field(
+        default_factory=dict,
+        description="Overrides of a classical method's parameters (e.g. {'h': 0.05} for nlm); sigma is estimated.",
+    )
+    tile: int = Field(
+        256,
+        ge=16,
+        le=8192,
+        description="Tile side (pixels); rounded down to a multiple of the model's 2**depth.",
+    )
+    overlap: int = Field(
+        32,
+        ge=0,
+        le=4095,
+        description="Overlap of neighbouring tiles (pixels), < tile/2; blended with a raised-cosine window.",
+    )
+    batch_size: int = Field(4, ge=1, le=1024, description="Tiles per forward pass (tiles).")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="Torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N', 'mps'.",
+    )
+    amp: bool = Field(
+        False, description="Mixed precision (bfloat16/float16 autocast); meant for GPUs, slow on most CPUs."
+    )
+    channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on GPUs).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Torch intra-op threads per process/actor (threads); None = floor(cpus_per_actor).",
+    )
+    keep_bottom_rows: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Height of a burned-in data bar at the image bottom left untouched (pixel rows).",
+    )
+    min_side: int = Field(
+        1,
+        ge=1,
+        le=65535,
+        description=(
+            "Images with a side shorter than this (pixels) are failed as implausible; 1 denoises any "
+            "size (tiny images are padded by the engine)."
+        ),
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Images with more pixels than this (pixels) are failed instead of risking node memory.",
+    )
+    noise_estimate: bool = Field(
+        True, description="Record the no-reference noise estimate before and after in the manifest."
+    )
+    num_actors: int | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description=(
+            "Ray actors in the denoising pool (actors); None = cluster CPUs // cpus_per_actor (at most "
+            "one per file); 0 = no Ray, files processed one by one in this process."
+        ),
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0, le=256, description="CPUs reserved per actor (CPUs; fractional allowed)."
+    )
+    gpus_per_actor: float = Field(
+        0.0, ge=0, le=16, description="GPUs reserved per actor (GPUs; fractional allowed, e.g. 0.25)."
+    )
+    actor_max_restarts: int = Field(
+        3, ge=0, le=100, description="Times Ray restarts an actor that died (crash, OOM kill)."
+    )
+    task_max_retries: int = Field(
+        3, ge=0, le=100, description="Times Ray retries a file whose actor died while processing it."
+    )
+    force: bool = Field(False, description="Redo files whose verified output already exists (no resume).")
+    track: bool | None = Field(
+        None,
+        description="Log one MLflow run per job; None = yes for folder inputs, no for a single file.",
+    )
+    experiment: str = Field(
+        "semray-denoise", min_length=1, description="MLflow experiment the job's run goes to."
+    )
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> InferConfig:
+        if 2 * self.overlap >= self.tile:
+            raise ValueError(f"overlap ({self.overlap}) must be less than tile/2 ({self.tile / 2:g})")
+        return self
+
+    def torch_threads(self) -> int:
+        """Torch threads one actor/process uses: ``threads`` or ``floor(cpus_per_actor)`` (at least 1)."""
+        return self.threads or max(1, int(self.cpus_per_actor))

@@ -1,0 +1,229 @@
+"""What the evaluation report says: its sections as blocks, built from an evaluation's tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from semray.config.evaluate import EvaluateConfig
+from semray.evaluation.report import SECTIONS, Block, Heading, Image, Para, Table
+from semray.evaluation.stats import METRICS, wide_table
+from semray.evaluation.testset import MAIN_CONDITION, Condition
+
+if TYPE_CHECKING:
+    from semray.evaluation.runner import EvaluationResult
+
+#: Metrics shown as tables for the out-of-generator conditions (the main sweep shows all of METRICS).
+ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_recall")
+DELTA_METRICS = ("psnr", "ssim", "defect_recall", "defect_contrast")
+
+
+def _fmt_delta(row: pd.Series, digits: int) -> str:
+    mean, lo, hi = row["mean_delta"], row["ci_low"], row["ci_high"]
+    if not np.isfinite(mean):
+        return "n/a"
+    ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if np.isfinite(lo) else ""
+    return f"{mean:+.{digits}f}{ci}"
+
+
+def delta_table(deltas: pd.DataFrame, metric: str, condition: str, digits: int = 3) -> pd.DataFrame:
+    """Paired ``method - reference`` mean and CI, one row per method, one column per level."""
+    d = deltas[(deltas["metric"] == metric) & (deltas["condition"] == condition)]
+    if d.empty:
+        return pd.DataFrame()
+    unit = d["level_unit"].iloc[0]
+    methods = list(dict.fromkeys(d["method"]))
+    table = pd.DataFrame(index=methods)
+    for lv in sorted(d["level"].unique()):
+        col = d[d["level"] == lv].set_index("method")
+        table[f"{lv:g} {unit}"] = [
+            _fmt_delta(col.loc[m], digits) if m in col.index else "n/a" for m in methods
+        ]
+    table.index.name = "method"
+    return table
+
+
+def _methods_table(meta: Mapping) -> pd.DataFrame:
+    rows = []
+    for m in meta["methods"]:
+        source = m.get("spec") or ("semray.classical" if m["kind"] == "classical" else "input")
+        params = m.get("params") or {}
+        rows.append(
+            {
+                "method": m["label"],
+                "kind": m["kind"],
+                "version": m.get("version") or "",
+                "source": source,
+                "device": m.get("device", "cpu"),
+                "overrides": ", ".join(f"{k}={v}" for k, v in params.items()),
+                "noise level given": "true std (oracle)"
+                if m["oracle_sigma"]
+                else ("estimated from the image" if m["kind"] == "classical" else "-"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("method")
+
+
+def report_blocks(
+    cfg: EvaluateConfig,
+    result: EvaluationResult,
+    conditions: Sequence[Condition],
+    figures: Mapping[str, Path],
+) -> list[Block]:
+    """The report's blocks, sections in :data:`SECTIONS` order."""
+    meta = result.meta
+    ts = meta["test_set"]
+    methods = [m["label"] for m in meta["methods"]]
+    main = conditions[0]
+    dose_txt = ", ".join(f"{d:g}" for d in main.levels)
+    ref = cfg.report.reference_method
+    b: list[Block] = [
+        Heading("semray evaluation", 1),
+        Para(
+            f"{len(methods)} methods x {len(METRICS)} metrics x {sum(len(c.levels) for c in conditions)} noise "
+            f"levels on {ts['n_images']} test images. Created {meta['created']} with semray "
+            f"{meta['machine']['semray_version']}."
+        ),
+    ]
+    # ---- Setup
+    oracle = any(m["oracle_sigma"] for m in meta["methods"])
+    b += [
+        Heading(SECTIONS[0]),
+        Para(
+            f"**Test set:** {ts['source']}, split `{ts['split']}`: {ts['n_images']} images "
+            f"({', '.join(ts['shapes'])} px; patterns {ts['patterns']}), {ts['images_with_defects']} with "
+            f"defects ({ts['defects']} defects). Defect metrics use the defect-free reference render"
+            + (" of each image." if ts["with_reference"] else " where the shards have one.")
+            + f"\n\n**Noise:** the generator's physical SEM noise model at doses {dose_txt} e-/px (other "
+            f"noise parameters drawn per image and held fixed across doses), noise seed {meta['seed']}."
+            + (
+                " Out-of-generator conditions: "
+                + "; ".join(
+                    f"{c.name} ({c.kind}, levels {', '.join(f'{x:g}' for x in c.levels)} {c.level_unit})"
+                    for c in conditions[1:]
+                )
+                + "."
+                if len(conditions) > 1
+                else ""
+            )
+            + "\n\n**Noise level seen by the methods:** no method sees the clean image; classical methods "
+            "estimate the noise std from each noisy image (wavelet MAD)."
+            + (
+                " **Rows labelled `+oracle` were given the true noise std measured from (noisy - clean): an "
+                "upper bound that no user has, shown for reference only.**"
+                if oracle
+                else " No oracle noise level was used."
+            )
+        ),
+        Table(_methods_table(meta), "methods compared"),
+    ]
+    # ---- Results by dose
+    b += [
+        Heading(SECTIONS[1]),
+        Para(
+            "Mean over test images ± half-width of the "
+            f"{cfg.report.ci:.0%} confidence interval of the mean (Student t). Higher is better for every "
+            "metric except defect contrast, where 1 (the defect kept at full strength) is best; the best "
+            "denoiser of each column is in bold. `noisy` is the unprocessed input."
+        ),
+    ]
+    for metric, name in METRICS.items():
+        b.append(
+            Table(
+                wide_table(result.summary, metric, MAIN_CONDITION, methods, 3 if metric != "psnr" else 2),
+                name,
+            )
+        )
+    if f"curves_{MAIN_CONDITION}" in figures:
+        b.append(
+            Image(
+                figures[f"curves_{MAIN_CONDITION}"], "PSNR, SSIM, defect recall and defect contrast vs dose"
+            )
+        )
+    # ---- Comparison with the reference method
+    b.append(Heading(SECTIONS[2]))
+    if ref and not result.deltas.empty:
+        b.append(
+            Para(
+                f"Paired per-image differences `method - {ref}` on the same images and noise: mean "
+                f"[{cfg.report.ci:.0%} CI]. Positive means better than {ref}."
+            )
+        )
+        for metric in DELTA_METRICS:
+            b.append(
+                Table(delta_table(result.deltas, metric, MAIN_CONDITION), f"delta {METRICS[metric]} vs {ref}")
+            )
+    else:
+        b.append(
+            Para(f"No reference comparison: reference method {ref!r} was not among the methods evaluated.")
+        )
+    # ---- Robustness
+    b.append(Heading(SECTIONS[3]))
+    if len(conditions) == 1:
+        b.append(
+            Para("No out-of-generator noise was configured (see `robustness` in the evaluation config).")
+        )
+    for cond in conditions[1:]:
+        b.append(Heading(f"{cond.name} ({cond.kind})", 3))
+        for metric in ROBUSTNESS_METRICS:
+            b.append(
+                Table(
+                    wide_table(result.summary, metric, cond.name, methods, 3 if metric != "psnr" else 2),
+                    f"{METRICS[metric]}, {cond.name}",
+                )
+            )
+        if f"curves_{cond.name}" in figures:
+            b.append(Image(figures[f"curves_{cond.name}"], f"metrics vs level, {cond.name} noise"))
+    # ---- Runtime
+    b.append(Heading(SECTIONS[4]))
+    rt = result.runtime
+    if rt.empty:
+        b.append(Para("Runtime measurement was switched off (`runtime.enabled: false`)."))
+    else:
+        mach = meta["machine"]
+        b.append(
+            Para(
+                f"Median wall time of {cfg.runtime.repeats} runs after one warm-up on one {rt['image_px'].iloc[0]} px "
+                f"noisy image, every method limited to {cfg.runtime.threads} CPU thread(s) (torch and BLAS/OpenMP), "
+                f"same machine: {mach['processor']}, {mach['cpu_count']} logical CPUs, {mach['platform']}. Classical "
+                "times include the noise-level estimate; model times include tiling and run on the device listed "
+                "under Setup."
+            )
+        )
+        shown = rt.drop(columns=["image_px", "threads", "repeats"], errors="ignore").set_index("method")
+        b.append(Table(shown.round(4), "runtime per megapixel"))
+        if "runtime" in figures:
+            b.append(Image(figures["runtime"], "seconds per megapixel (log scale)"))
+    # ---- Visual examples
+    b.append(Heading(SECTIONS[5]))
+    if "examples" in figures:
+        b.append(
+            Para(
+                f"At {meta['example_level']:g} e-/px. Per image: full frames; |image - clean| on one colour "
+                "scale per image; a zoomed crop around the largest defect (mask outlined in red on the clean "
+                "crop, crop box in red on the clean frame)."
+            )
+        )
+        b.append(Image(figures["examples"], "noisy | each method | clean"))
+    else:
+        b.append(Para("No visual examples were requested (`report.n_examples: 0`)."))
+    # ---- Files
+    b += [
+        Heading(SECTIONS[6]),
+        Para(
+            "`results.parquet` / `results.csv`: one row per image x method x condition x level; "
+            "`summary.csv`: mean/std/CI per cell; `deltas.csv`: paired differences vs the reference; "
+            "`runtime.csv`; `config.yaml`: the full config; `evaluation.json`: setup facts; `figures/`."
+            + (
+                f"\n\nMLflow run `{meta['mlflow']['run_id']}` in experiment `{meta['mlflow']['experiment']}` "
+                f"({meta['mlflow']['tracking_uri']})."
+                if meta.get("mlflow")
+                else ""
+            )
+        ),
+    ]
+    return b

@@ -1,0 +1,458 @@
+"""Run an evaluation: every method x every metric x every noise level on a fixed test split.
+
+:func:`run_evaluation` is the whole job (``semray evaluate``, ``jobs/evaluate.py``, the benchmark):
+
+1. load the clean test images and build the noise conditions (:mod:`semray.evaluation.testset`);
+2. for each condition, make every image's noisy versions, run every method over them (classical ones
+   as Ray tasks when ``parallel``), and score each output with :func:`semray.metrics.compute_metrics`
+   (also as Ray tasks);
+3. time every method on one common image (:func:`semray.evaluation.methods.seconds_per_megapixel`);
+4. write ``results.parquet``/``.csv`` (one row per image x method x condition x level), the summary,
+   the runtime table, figures and ``report.md``/``report.html`` into the output folder;
+5. log all of it as one MLflow run.
+
+Nothing in the results depends on scheduling or wall time: two runs with the same config give the same
+``results.parquet``; runtimes live in their own table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from semray.config.base import ConfigError, dump_yaml, load_config
+from semray.config.data import DatasetConfig
+from semray.config.evaluate import EvaluateConfig
+from semray.evaluation.figures import Example, plot_examples, plot_metrics_vs_level, plot_runtime
+from semray.evaluation.methods import MethodRunner, build_runners, seconds_per_megapixel
+from semray.evaluation.stats import METRICS, paired_deltas, summarize
+from semray.evaluation.testset import (
+    DOSE_UNIT,
+    MAIN_CONDITION,
+    Condition,
+    TestImage,
+    build_conditions,
+    generator_noise,
+    load_test_set,
+    make_noisy,
+)
+
+RESULTS_FILE = "results.parquet"
+SUMMARY_FILE = "summary.csv"
+RUNTIME_FILE = "runtime.csv"
+DELTAS_FILE = "deltas.csv"
+META_FILE = "evaluation.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class EvaluationResult:
+    """An evaluation's tables and where its files are.
+
+    Attributes:
+        out_dir: the output folder.
+        results: one row per image x method x condition x level (metrics as columns).
+        summary: mean/std/CI per condition x level x method x metric (long format).
+        deltas: paired differences of each method against the reference method.
+        runtime: seconds per megapixel per method (empty when runtime measurement was off).
+        meta: setup facts (images, methods with versions, machine, MLflow run id, ...).
+    """
+
+    out_dir: Path
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    deltas: pd.DataFrame
+    runtime: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, when the evaluation was logged."""
+        return (self.meta.get("mlflow") or {}).get("run_id")
+
+
+# ------------------------------------------------------------------------------------------ parallel map
+def _use_ray(parallel: bool | None) -> bool:
+    if parallel is False:
+        return False
+    import ray
+
+    if parallel and not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    return ray.is_initialized()
+
+
+_metrics_task: Any = None
+
+
+def _metrics_many(items: Sequence[tuple[Any, np.ndarray, Any, Any]], use_ray: bool) -> list[dict[str, float]]:
+    """``compute_metrics(clean, out, mask, reference)`` for every item, in order (Ray tasks if asked)."""
+    from semray.metrics import compute_metrics
+
+    if not use_ray:
+        return [compute_metrics(c, o, m, r) for c, o, m, r in items]
+    import ray
+
+    global _metrics_task
+    if _metrics_task is None:
+        _metrics_task = ray.remote(num_cpus=1)(compute_metrics)
+    return ray.get([_metrics_task.remote(c, o, m, r) for c, o, m, r in items])
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def _pick_examples(images: Sequence[TestImage], n: int) -> list[int]:
+    """Up to ``n`` image indices: defective images of distinct patterns first, then any defective, then any."""
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for rule in ("new_pattern", "defect", "any"):
+        for i, im in enumerate(images):
+            if len(chosen) == n:
+                return chosen
+            if i in chosen:
+                continue
+            if rule == "new_pattern" and (im.n_defects == 0 or im.pattern in seen):
+                continue
+            if rule == "defect" and im.n_defects == 0:
+                continue
+            chosen.append(i)
+            seen.add(im.pattern)
+    return chosen
+
+
+#: Columns of the results table besides the metrics of :func:`semray.metrics.compute_metrics`.
+RESULT_COLUMNS = (
+    "image_id", "pattern", "n_defects", "condition", "noise_kind", "out_of_generator", "level", "level_unit",
+    "dose_e_per_px", "method", "method_kind", "model_version", "oracle_sigma", "sigma_true", "sigma_estimated",
+)  # fmt: skip
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def evaluate_methods(
+    images: Sequence[TestImage],
+    conditions: Sequence[Condition],
+    runners: Sequence[MethodRunner],
+    seed: int,
+    use_ray: bool = False,
+    example_level: float | None = None,
+    n_examples: int = 0,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[Example]]:
+    """Score every runner on every image at every level of every condition.
+
+    Returns:
+        ``(results, examples)``: one row per condition x level x image x method with the
+        :data:`RESULT_COLUMNS` (``sigma_true`` = std of noisy - clean, ``sigma_estimated`` = the blind
+        estimate on the noisy image, both [0, 1] units; neither is shown to a non-oracle method) and the
+        metric columns; and the visual examples of the main condition at ``example_level``.
+    """
+    from tqdm.auto import tqdm
+
+    from semray.classical import estimate_noise_sigma
+
+    example_idx = _pick_examples(images, n_examples) if example_level is not None else []
+    examples: dict[int, Example] = {}
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(conditions) * len(runners), desc="evaluate", unit="method", disable=not progress)
+    put: Callable[[Any], Any] = _identity
+    if use_ray:
+        import ray
+
+        put = ray.put
+    # (clean, defect_mask, reference) per image, shipped to the object store once for all metric tasks
+    refs = [(put(im.clean), put(im.defect_mask), put(im.reference)) for im in images]
+    for cond in conditions:
+        cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
+        noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
+        sigma_true = [
+            float(np.std(n - images[ii].clean.astype(np.float64)))
+            for n, (_, ii) in zip(noisy, cells, strict=True)
+        ]
+        sigma_est = [estimate_noise_sigma(n) for n in noisy]
+        shown = [
+            cond.name == MAIN_CONDITION and lv == example_level and ii in example_idx for lv, ii in cells
+        ]
+        for k, (lv, ii) in enumerate(cells):
+            if shown[k]:
+                im = images[ii]
+                examples[ii] = Example(
+                    im.image_id, im.pattern, lv, cond.level_unit, im.clean, noisy[k], im.defect_mask, {}
+                )
+        for runner in runners:
+            bar.set_postfix_str(f"{cond.name}: {runner.label}")
+            outputs = runner.run_many(noisy, sigma_true)
+            scores = _metrics_many(
+                [
+                    (refs[ii][0], out, refs[ii][1], refs[ii][2])
+                    for out, (_, ii) in zip(outputs, cells, strict=True)
+                ],
+                use_ray,
+            )
+            for k, ((lv, ii), out, sc) in enumerate(zip(cells, outputs, scores, strict=True)):
+                im = images[ii]
+                facts = (
+                    im.image_id, im.pattern, im.n_defects, cond.name, cond.kind, cond.out_of_generator, float(lv),
+                    cond.level_unit, float(lv) if cond.level_unit == DOSE_UNIT else float("nan"), runner.label,
+                    runner.kind, runner.version, bool(runner.oracle), sigma_true[k], sigma_est[k],
+                )  # fmt: skip
+                rows.append(
+                    {**dict(zip(RESULT_COLUMNS, facts, strict=True)), **{m: float(v) for m, v in sc.items()}}
+                )
+                if shown[k]:
+                    examples[ii].outputs[runner.label] = out
+            bar.update(1)
+    bar.close()
+    return pd.DataFrame(rows), [examples[i] for i in example_idx if i in examples]
+
+
+def measure_runtimes(
+    runners: Sequence[MethodRunner], image: np.ndarray, repeats: int, threads: int, reference: str | None
+) -> pd.DataFrame:
+    """Seconds per megapixel of every non-oracle, non-noisy runner on ``image`` (same machine, same image)."""
+    rows = []
+    for r in runners:
+        if r.kind == "noisy" or r.oracle:
+            continue
+        spm = seconds_per_megapixel(r, image, repeats=repeats, threads=threads)
+        rows.append(
+            {
+                "method": r.label,
+                "method_kind": r.kind,
+                "seconds_per_megapixel": spm,
+                "megapixels_per_second": 1.0 / spm,
+                "image_px": f"{image.shape[0]}x{image.shape[1]}",
+                "threads": threads,
+                "repeats": repeats,
+            }
+        )
+    df = pd.DataFrame(rows)
+    if not df.empty and reference in set(df["method"]):
+        ref_t = float(df.loc[df["method"] == reference, "seconds_per_megapixel"].iloc[0])
+        df[f"speedup_vs_{reference}"] = ref_t / df["seconds_per_megapixel"]
+    return df
+
+
+def _timing_image(cfg: EvaluateConfig, main: Condition) -> np.ndarray:
+    """A ``size_px`` square wafer render with the generator's noise at the middle dose."""
+    from semray.data import render_record
+
+    ds = cfg.test_set.dataset
+    size = cfg.runtime.size_px
+    tcfg = DatasetConfig(seed=ds.seed, height=size, width=size, n_train=0, n_val=0, n_test=1, synth=ds.synth)
+    clean = render_record(tcfg, "test", 0)["clean"]
+    dose = main.levels[(len(main.levels) - 1) // 2]
+    return make_noisy(clean, main, dose, cfg.seed, "runtime-image")
+
+
+def _example_level(cfg: EvaluateConfig) -> float:
+    doses = cfg.doses_e_per_px
+    level = cfg.report.example_level if cfg.report.example_level is not None else doses[(len(doses) - 1) // 2]
+    if level not in doses:
+        raise ConfigError(f"report.example_level {level} is not one of doses_e_per_px {doses}")
+    return level
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    from semray import __version__
+
+    return {
+        "semray_version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ the job
+def run_evaluation(
+    cfg: EvaluateConfig | str | Path,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    log_mlflow: bool | None = None,
+) -> EvaluationResult:
+    """Run the evaluation ``cfg`` describes and write its output folder (see module docstring).
+
+    Args:
+        cfg: the config, or a path to its YAML.
+        out_dir: output folder (default ``cfg.out_dir``); created, existing files overwritten.
+        progress: show a progress bar.
+        log_mlflow: log to MLflow (default ``cfg.mlflow.enabled``).
+
+    Returns:
+        The tables and the output folder; ``result.run_id`` is the MLflow run.
+    """
+    if not isinstance(cfg, EvaluateConfig):
+        cfg = load_config(EvaluateConfig, cfg)
+    out = Path(out_dir if out_dir is not None else cfg.out_dir)
+    t_start = time.perf_counter()
+    example_level = _example_level(cfg)
+    use_ray = _use_ray(cfg.parallel)
+
+    runners = build_runners(cfg.methods, use_ray=use_ray)  # first: a bad model spec fails before any work
+    images = load_test_set(cfg.test_set)
+    conditions = build_conditions(cfg, generator_noise(cfg))
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    results, examples = evaluate_methods(
+        images, conditions, runners, cfg.seed, use_ray, example_level, cfg.report.n_examples, progress
+    )
+    summary = summarize(results, ci=cfg.report.ci)
+    ref = cfg.report.reference_method
+    deltas = paired_deltas(results, ref, ci=cfg.report.ci) if ref else paired_deltas(results.iloc[:0], "")
+    runtime = pd.DataFrame()
+    if cfg.runtime.enabled:
+        runtime = measure_runtimes(
+            runners, _timing_image(cfg, conditions[0]), cfg.runtime.repeats, cfg.runtime.threads, ref
+        )
+
+    results.to_parquet(out / RESULTS_FILE, index=False)
+    results.to_csv(out / "results.csv", index=False)
+    summary.to_csv(out / SUMMARY_FILE, index=False)
+    deltas.to_csv(out / DELTAS_FILE, index=False)
+    runtime.to_csv(out / RUNTIME_FILE, index=False)
+    (out / CONFIG_FILE).write_text(dump_yaml(cfg))
+
+    methods = [r.label for r in runners]
+    figures: dict[str, Path] = {}
+    for cond in conditions:
+        figures[f"curves_{cond.name}"] = plot_metrics_vs_level(
+            summary,
+            cond.name,
+            methods,
+            out / "figures" / f"metrics_vs_level_{cond.name}.png",
+            title=_condition_title(cond),
+            dpi=cfg.report.dpi,
+        )
+    if examples:
+        figures["examples"] = plot_examples(
+            examples,
+            out / "figures" / f"examples_dose{example_level:g}.png",
+            cfg.report.crop_px,
+            cfg.report.dpi,
+        )
+    if not runtime.empty:
+        figures["runtime"] = plot_runtime(runtime, out / "figures" / "runtime.png", cfg.report.dpi)
+
+    meta = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": _machine(),
+        "seed": cfg.seed,
+        "test_set": _test_set_facts(cfg, images),
+        "conditions": [
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "levels": list(c.levels),
+                "unit": c.level_unit,
+                "out_of_generator": c.out_of_generator,
+            }
+            for c in conditions
+        ],
+        "methods": [
+            {
+                "label": r.label,
+                "kind": r.kind,
+                "version": r.version,
+                "oracle_sigma": bool(r.oracle),
+                "spec": getattr(r, "spec", None),
+                "params": getattr(r, "params", None),
+                "device": getattr(r, "device", "cpu"),
+            }
+            for r in runners
+        ],
+        "example_level": example_level,
+        "parallel": use_ray,
+        "evaluation_seconds": round(time.perf_counter() - t_start, 2),
+        "mlflow": None,
+    }
+    result = EvaluationResult(out, results, summary, deltas, runtime, meta)
+
+    from semray.evaluation.content import report_blocks
+    from semray.evaluation.report import write_report
+
+    def _write() -> None:
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        write_report(report_blocks(cfg, result, conditions, figures), out, "semray evaluation")
+
+    if log_mlflow if log_mlflow is not None else cfg.mlflow.enabled:
+        from semray.evaluation.tracking import log_evaluation
+
+        log_evaluation(cfg, result, before_artifacts=_write)
+    else:
+        _write()
+    return result
+
+
+def _condition_title(cond: Condition) -> str:
+    if cond.name == MAIN_CONDITION:
+        return "generator SEM noise, by dose"
+    return f"out-of-generator noise: {cond.name} ({cond.kind})"
+
+
+def _test_set_facts(cfg: EvaluateConfig, images: Sequence[TestImage]) -> dict[str, Any]:
+    shapes = sorted({f"{im.clean.shape[0]}x{im.clean.shape[1]}" for im in images})
+    patterns: dict[str, int] = {}
+    for im in images:
+        patterns[im.pattern] = patterns.get(im.pattern, 0) + 1
+    ts = cfg.test_set
+    return {
+        "source": f"shards {ts.shards}" if ts.shards else f"synthesised (dataset seed {ts.dataset.seed})",
+        "split": ts.split,
+        "n_images": len(images),
+        "shapes": shapes,
+        "patterns": patterns,
+        "images_with_defects": sum(im.n_defects > 0 for im in images),
+        "defects": int(sum(im.n_defects for im in images)),
+        "with_reference": all(im.reference is not None for im in images),
+    }
+
+
+def load_evaluation(path: str | Path) -> EvaluationResult:
+    """Read an evaluation output folder back (for notebooks, the benchmark and comparisons)."""
+    root = Path(path)
+    if not (root / RESULTS_FILE).is_file():
+        raise FileNotFoundError(f"{root}: not an evaluation folder (no {RESULTS_FILE})")
+
+    def _csv(name: str) -> pd.DataFrame:
+        p = root / name
+        try:
+            return pd.read_csv(p) if p.is_file() else pd.DataFrame()
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame()
+
+    meta = json.loads((root / META_FILE).read_text()) if (root / META_FILE).is_file() else {}
+    return EvaluationResult(
+        root,
+        pd.read_parquet(root / RESULTS_FILE),
+        _csv(SUMMARY_FILE),
+        _csv(DELTAS_FILE),
+        _csv(RUNTIME_FILE),
+        meta,
+    )
+
+
+__all__ = [
+    "METRICS",
+    "EvaluationResult",
+    "evaluate_methods",
+    "load_evaluation",
+    "measure_runtimes",
+    "run_evaluation",
+]

@@ -1,0 +1,274 @@
+"""The per-worker training loop that Ray Train runs on every rank (also usable from Ray Tune trials).
+
+``train_loop_per_worker(config)`` expects the dict :func:`semray.train.runner.loop_config` builds:
+the validated :class:`~semray.config.train.TrainConfig` (as JSON), the epoch-clock actor, the steps per
+epoch, the fixed validation set (an object ref, built once by the driver), the MLflow tracking URI and
+run id, and optional starting weights. Each epoch:
+
+1. rank 0 sets the epoch clock, every rank streams its split of the ``train`` dataset (noise
+   synthesised for this epoch, see :mod:`semray.train.pipeline`) and takes AdamW steps under DDP
+   (gloo on CPU, NCCL on GPU), with bf16 autocast on GPU, gradient clipping and the lr schedule;
+2. every rank validates its share of the fixed validation crops; sums are all-reduced so every rank
+   holds the same metrics, hence the same early-stopping decision;
+3. every rank reports (a barrier): rank 0 with the model + optimiser state, each rank with the list of
+   images it trained on; Ray Train merges them into one checkpoint and keeps the best k;
+4. rank 0 logs the epoch's metrics (and every few epochs a sample figure) to MLflow.
+
+A restarted worker group (after a failure, or ``semray train --resume``) continues from
+``ray.train.get_checkpoint()``: weights, optimiser, step, epoch and early-stopping state.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from semray.config.train import TrainConfig
+from semray.losses import build_loss
+from semray.models.unet import build_model
+from semray.train.checkpoint import (
+    DataRecord,
+    LoopState,
+    load_checkpoint,
+    model_card,
+    save_checkpoint,
+    write_data_record,
+)
+from semray.train.schedule import apply_schedule
+from semray.train.validate import (
+    collect_val_items,
+    denoise_images,
+    finalize,
+    metric_sums,
+    sample_figure,
+    sums_to_tensor,
+)
+
+#: Worst possible ``checkpoint_score``: given to epochs whose validation metric is NaN.
+WORST_SCORE = -1e30
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the fault-injection hook (``debug.fail_once_at_epoch``)."""
+
+
+class _Collate(NumpyBatchCollateFn):
+    """numpy batch -> ``noisy``/``clean`` (N, 1, h, w) float32 tensors, plus ids and epochs as numpy."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {
+            "noisy": torch.from_numpy(np.ascontiguousarray(batch["noisy"], dtype=np.float32))[:, None],
+            "clean": torch.from_numpy(np.ascontiguousarray(batch["clean"], dtype=np.float32))[:, None],
+            "image_id": [str(i) for i in batch["image_id"]],
+            "noise_epoch": np.asarray(batch["noise_epoch"]),
+        }
+
+
+def checkpoint_score(value: float, mode: str) -> float:
+    """Higher-is-better score of a validation value (NaN -> :data:`WORST_SCORE`)."""
+    if not math.isfinite(value):
+        return WORST_SCORE
+    return value if mode == "max" else -value
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # gloo reduces float64 CPU tensors; NCCL needs them on the GPU
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(dev)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        t = t.cpu()
+    return t
+
+
+def _maybe_fail(cfg: TrainConfig, epoch: int, step_in_epoch: int, rank: int, world: int) -> None:
+    """The fault-injection hook: the last rank raises once, one step into the configured epoch."""
+    dbg = cfg.debug
+    if dbg.fail_once_at_epoch != epoch or rank != world - 1 or step_in_epoch != 1 or dbg.fail_marker is None:
+        return
+    marker = Path(dbg.fail_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at epoch {epoch} on rank {rank}\n")
+    raise InjectedFailure(f"semray debug: injected worker failure at epoch {epoch} on rank {rank}")
+
+
+def _train_batches(shard: Any, cfg: TrainConfig, epoch: int) -> Iterator[dict[str, Any]]:
+    bs = cfg.data.batch_size
+    buf = max(cfg.data.shuffle_buffer, bs) if cfg.data.shuffle_buffer > 0 else None
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=bs,
+            collate_fn=_Collate(),
+            drop_last=True,
+            local_shuffle_buffer_size=buf,
+            local_shuffle_seed=None if buf is None else cfg.seed * 100_003 + epoch,
+        )
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (see module docstring). ``config`` comes from ``runner.loop_config``."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    clock = config["clock"]
+    steps_per_epoch = int(config["steps_per_epoch"])
+    run_name = str(config["run_name"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.seed)
+
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if (on_gpu and cfg.optim.amp) else None
+    memory_format = torch.channels_last if (on_gpu and cfg.optim.channels_last) else torch.contiguous_format
+
+    net = build_model(cfg.model)
+    state, opt_state = LoopState(), None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model_sd, opt_state, state = load_checkpoint(d)
+        net.load_state_dict(model_sd)
+    elif config.get("init_state") is not None:
+        net.load_state_dict(config["init_state"])
+    net = net.to(device=device, memory_format=memory_format)
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    loss_fn = build_loss(cfg.loss).to(device)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    mode = cfg.validation.resolved_mode
+
+    val_batch = config["val_batch"]
+    val_all = collect_val_items([ray.get(val_batch) if isinstance(val_batch, ray.ObjectRef) else val_batch])
+    val_mine = val_all[rank::world]
+    fig_items = val_all[: cfg.validation.figure_images]
+    logger = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from semray.train.mlflow_log import EpochLogger
+
+        logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+    train_shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(state.epoch + 1, cfg.optim.epochs):
+        if rank == 0:
+            ray.get(clock.set.remote(epoch))
+        model.train()
+        seen: Counter[str] = Counter()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, samples
+        part_sums: Counter[str] = Counter()
+        lr = float("nan")
+        t0 = time.perf_counter()
+        for i, batch in enumerate(_train_batches(train_shard, cfg, epoch)):
+            if i >= steps_per_epoch:
+                break
+            if not (batch["noise_epoch"] == epoch).all():
+                raise RuntimeError(
+                    f"rank {rank} got noise of epoch(s) {sorted(set(batch['noise_epoch'].tolist()))} while "
+                    f"training epoch {epoch}: the epoch clock and the data pipeline are out of step"
+                )
+            _maybe_fail(cfg, epoch, i, rank, world)
+            noisy = batch["noisy"].to(device, non_blocking=True, memory_format=memory_format)
+            clean = batch["clean"].to(device, non_blocking=True, memory_format=memory_format)
+            lr = apply_schedule(
+                optimizer, state.step, total_steps, cfg.optim.lr, cfg.optim.schedule,
+                cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio,
+            )  # fmt: skip
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = model(noisy)
+            total, parts = loss_fn(pred.float(), clean)
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {epoch}, step {state.step}: {parts}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.optim.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+            optimizer.step()
+            state.step += 1
+            n = noisy.shape[0]
+            sums += torch.tensor([float(total.detach()) * n, 1.0, float(n)], dtype=torch.float64)
+            part_sums.update({k: v * n for k, v in parts.items() if k != "total"})
+            seen.update(batch["image_id"])
+        epoch_time = time.perf_counter() - t0
+
+        crop_px = cfg.data.crop_px
+        part_keys = sorted(part_sums)
+        totals = _all_reduce(
+            torch.cat([sums, torch.tensor([part_sums[k] for k in part_keys], dtype=torch.float64)])
+        )
+        slowest = float(_all_reduce(torch.tensor([epoch_time], dtype=torch.float64), op="max")[0])
+        n_samples = max(float(totals[2]), 1.0)
+        metrics: dict[str, float] = {
+            "epoch": float(epoch),
+            "step": float(state.step),
+            "lr": lr,
+            "train_loss": float(totals[0]) / n_samples,
+            **{f"train_{k}": float(totals[3 + j]) / n_samples for j, k in enumerate(part_keys)},
+            "epoch_time_s": slowest,
+            "samples_per_s": float(totals[2]) / max(slowest, 1e-9),
+            "megapixels_per_s": float(totals[2]) * crop_px * crop_px / 1e6 / max(slowest, 1e-9),
+        }
+
+        t_val = time.perf_counter()
+        den = denoise_images(net, [it.noisy for it in val_mine], device, amp_dtype)
+        val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, loss_fn))))
+        metrics.update(val)
+        metrics["val_time_s"] = time.perf_counter() - t_val
+        score = val[cfg.validation.metric]
+        metrics["checkpoint_score"] = checkpoint_score(score, mode)
+        if math.isfinite(score) and state.improved(score, mode, cfg.validation.min_delta):
+            state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch
+        patience = cfg.validation.patience
+        stop = patience > 0 and state.bad_epochs >= patience
+        last = stop or epoch == cfg.optim.epochs - 1
+        metrics["best_epoch"] = float(state.best_epoch)
+
+        with tempfile.TemporaryDirectory(prefix="semray-ckpt-") as tmp:
+            if rank == 0:
+                card = model_card(
+                    cfg, run_name, epoch, {k: v for k, v in metrics.items() if k.startswith("val_")}
+                )
+                save_checkpoint(tmp, net, cfg, optimizer, state, card)
+            write_data_record(tmp, DataRecord.from_counter(epoch, rank, seen))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"epoch-{epoch:05d}",
+            )
+
+        if logger is not None:
+            logger.log_metrics(metrics, step=epoch)
+            every = cfg.validation.figure_every
+            if last or (every > 0 and epoch % every == 0):
+                with tempfile.TemporaryDirectory(prefix="semray-fig-") as tmp:
+                    fig_den = denoise_images(net, [it.noisy for it in fig_items], device, amp_dtype)
+                    png = sample_figure(
+                        fig_items, fig_den, Path(tmp) / f"val_epoch{epoch:05d}.png",
+                        title=f"{run_name} epoch {epoch}: val PSNR {metrics['val_psnr']:.2f} dB",
+                    )  # fmt: skip
+                    logger.log_artifact(png, "figures")
+        if stop:
+            break
