@@ -62,7 +62,9 @@ def test_synthesis_is_deterministic_and_parallel_matches_serial(
 def test_noise_batch_equals_pure_function_and_records_params(shard_set: tuple[DatasetConfig, Path]) -> None:
     cfg, out = shard_set
     shard = read_shard(out / "val" / "part-00000.parquet")
-    batch = add_noise_batch({"image_id": shard["image_id"], "clean": shard["clean"]}, cfg.noise, seed=7, epoch=3)
+    batch = add_noise_batch(
+        {"image_id": shard["image_id"], "clean": shard["clean"]}, cfg.noise, seed=7, epoch=3
+    )
     for i, iid in enumerate(shard["image_id"]):
         expect, params = synthesize(shard["clean"][i], cfg.noise, image_rng(7, iid, 3))
         np.testing.assert_array_equal(batch["noisy"][i], expect)
@@ -73,7 +75,9 @@ def test_noise_batch_equals_pure_function_and_records_params(shard_set: tuple[Da
     assert not np.array_equal(other_epoch["noisy"], batch["noisy"])
 
 
-def test_ray_data_noise_stage_matches_pure_function(shard_set: tuple[DatasetConfig, Path], ray_local: None) -> None:
+def test_ray_data_noise_stage_matches_pure_function(
+    shard_set: tuple[DatasetConfig, Path], ray_local: None
+) -> None:
     cfg, out = shard_set
     rows = noisy_dataset(out, cfg.noise, seed=11, epoch=1, split="train", batch_size=2).take_all()
     assert len(rows) == cfg.n_train
