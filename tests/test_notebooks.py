@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -51,6 +52,17 @@ def _text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+@pytest.fixture(scope="module")
+def tiny_tune_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow store holding a two-trial search in experiment 'tiny-tune' (one store for the module:
+    creating a SQLite store runs MLflow's schema migrations, which take seconds)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('nb_mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        _add_tune_runs("tiny-tune")
+    yield uri
+
+
 def _add_tune_runs(experiment: str) -> None:
     import mlflow
 
@@ -72,17 +84,18 @@ def test_compare_notebook_without_tune_runs(
     monkeypatch.setenv("SEMRAY_TUNE_EXPERIMENT", "no-such-tune")
     text = _text(_execute("compare.ipynb", NOTEBOOKS))
     assert "2 test images" in text
-    assert "no experiment named 'no-such-tune'" in text
+    assert f"no MLflow store at {mlflow_store} yet: no tune runs to compare" in text
     assert "nothing to compare yet" in text
     assert "gaussian" in text and "tv" in text  # the comparison tables were displayed
+    assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()  # reading created no store
 
 
 def test_compare_notebook_with_tune_runs(
-    tiny_evaluation: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+    tiny_evaluation: Path, tiny_tune_store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SEMRAY_EVAL_DIR", str(tiny_evaluation))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_tune_store)
     monkeypatch.setenv("SEMRAY_TUNE_EXPERIMENT", "tiny-tune")
-    _add_tune_runs("tiny-tune")
     text = _text(_execute("compare.ipynb", NOTEBOOKS))
     assert "3 runs in 'tiny-tune'" in text
     assert "25.5" in text  # the best trial's metric is in the displayed table

@@ -84,7 +84,7 @@ def summarize(
 def paired_deltas(
     results: pd.DataFrame,
     reference: str,
-    metrics: Sequence[str] = ("psnr", "ssim", "defect_recall", "defect_contrast"),
+    metrics: Sequence[str] = ("psnr", "ssim", "defect_recall", "defect_contrast", "edge_preservation"),
     ci: float = 0.95,
 ) -> pd.DataFrame:
     """Per-image paired differences ``method - reference`` for every other method, summarised.
