@@ -163,6 +163,10 @@ def log_final_model(
             extra_files=[str(model_dir / WEIGHTS_FILE), str(model_dir / CARD_FILE)],
             registered_model_name=name,
             pip_requirements=requirements,
+            # MLflow 3 defaults to torch.export ("pt2"), which fixes the input size to the example's
+            # and gives a module without train()/eval(); the network is fully convolutional, so keep
+            # the plain pickled nn.Module (semray itself only ever loads the safetensors copy).
+            serialization_format="pickle",
         )
     version = None if info.registered_model_version is None else str(info.registered_model_version)
     alias = cfg.mlflow.alias if (name and version) else None
