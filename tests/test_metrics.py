@@ -14,7 +14,9 @@ from semray.metrics import (
     PSNR_MAX_DB,
     compute_metrics,
     defect_contrast,
+    defect_psnr,
     defect_recall,
+    defect_region,
     edge_preservation,
     gradient_correlation,
     ms_ssim,
@@ -243,6 +245,7 @@ def test_compute_metrics_keys_and_nan_without_defects():
         "ms_ssim",
         "edge_preservation",
         "gradient_correlation",
+        "defect_psnr",
         "defect_contrast",
         "defect_recall",
         "defect_recall_clean",
@@ -253,4 +256,27 @@ def test_compute_metrics_keys_and_nan_without_defects():
     for no_defects in (None, np.zeros_like(mask)):
         m0 = compute_metrics(clean, den, no_defects, ref)
         assert math.isnan(m0["defect_contrast"]) and math.isnan(m0["defect_recall"])
+        assert math.isnan(m0["defect_psnr"])
         assert m0["defect_count"] == 0 and m0["psnr"] == pytest.approx(m["psnr"])
+
+
+def test_defect_psnr_scores_only_the_grown_defect_region():
+    ref = _lines()
+    clean, mask = _with_blobs(ref)
+    region = defect_region(mask)
+    assert region.sum() > mask.sum() and not (mask & ~region).any()  # grown, contains the mask
+    # an error of 0.1 on the region only: defect PSNR is exactly 20 dB, whole-image PSNR much higher
+    err = clean.astype(np.float64).copy()
+    err[region] += 0.1
+    assert defect_psnr(clean, err, mask) == pytest.approx(20.0, abs=1e-9)
+    assert psnr(clean, err) > 30
+    # an error outside the region leaves it untouched (capped at PSNR_MAX_DB)
+    out = clean.astype(np.float64).copy()
+    out[~region] += 0.1
+    assert defect_psnr(clean, out, mask) == PSNR_MAX_DB
+    # smearing the defects away costs far more defect PSNR than whole-image PSNR
+    smeared = _smear_locally(clean, 2.5)
+    assert psnr(clean, smeared) - defect_psnr(clean, smeared, mask) > 8
+    assert math.isnan(defect_psnr(clean, clean, np.zeros_like(mask)))
+    with pytest.raises(ValueError, match="defect_mask shape"):
+        defect_psnr(clean, clean, mask[:-1])

@@ -30,7 +30,7 @@ from semray.evaluation.report import Heading, Para, Table
 from semray.evaluation.runner import EvaluationResult, run_evaluation
 from semray.evaluation.stats import METRICS
 
-TABLE_METRICS = ("psnr", "ssim", "defect_recall", "defect_contrast", "edge_preservation")
+TABLE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast", "edge_preservation")
 VARIANTS_FILE = "variants.json"
 #: Written next to each trained variant's model, so a resumed ablation still reports its training.
 TRAIN_INFO_FILE = "ablation_train.json"

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from semray.evaluation.runner import EvaluationResult
 
 #: Metrics shown as tables for the out-of-generator conditions (the main sweep shows all of METRICS).
-ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_recall")
-DELTA_METRICS = ("psnr", "ssim", "defect_recall", "defect_contrast")
+ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall")
+DELTA_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast")
 
 
 def _fmt_delta(row: pd.Series, digits: int) -> str:

@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 from semray.evaluation.stats import METRICS
 
 #: Metrics drawn in the metric-vs-level figure (the write-up's four).
-CURVE_METRICS = ("psnr", "ssim", "defect_recall", "defect_contrast")
+CURVE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast")
 
 
 @dataclass

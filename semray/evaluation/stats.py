@@ -20,6 +20,7 @@ METRICS: dict[str, str] = {
     "ms_ssim": "MS-SSIM",
     "edge_preservation": "edge F1",
     "gradient_correlation": "gradient corr.",
+    "defect_psnr": "defect-region PSNR (dB)",
     "defect_contrast": "defect contrast",
     "defect_recall": "defect recall",
 }
@@ -84,7 +85,14 @@ def summarize(
 def paired_deltas(
     results: pd.DataFrame,
     reference: str,
-    metrics: Sequence[str] = ("psnr", "ssim", "defect_recall", "defect_contrast", "edge_preservation"),
+    metrics: Sequence[str] = (
+        "psnr",
+        "ssim",
+        "defect_psnr",
+        "defect_recall",
+        "defect_contrast",
+        "edge_preservation",
+    ),
     ci: float = 0.95,
 ) -> pd.DataFrame:
     """Per-image paired differences ``method - reference`` for every other method, summarised.
