@@ -224,8 +224,12 @@ def poisson_small(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n[todo] += 1
         k += 1
         p = p * r / k
-        cum = cum + p
-        keep = u >= cum
+        grown = cum + p
+        # A uniform above every float32-representable partial sum (u within ~6e-8 of 1) would never
+        # be passed: stop a pixel once its next term no longer changes the sum (tail mass < float32
+        # resolution). Without this, a ~1e-7-per-pixel draw looped forever and hung whole epochs.
+        keep = (u >= grown) & (grown > cum)
+        cum = grown
         todo, cum, p, r, u = todo[keep], cum[keep], p[keep], r[keep], u[keep]
     return n.astype(np.float32).reshape(shape)
 
