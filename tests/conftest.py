@@ -19,8 +19,15 @@ def ray_local() -> Iterator[None]:
     """A local Ray with more logical CPUs than cores, so Train workers and Data tasks don't deadlock."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s node start-up deadline
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as e:  # Ray raises a bare Exception for its start-up timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
