@@ -1,4 +1,5 @@
-"""``semray train --config CFG [--set k=v ...] [--resume [RUN]]``: train a denoiser on Ray Train."""
+"""``semray train --config CFG [--set k=v ...] [--resume [RUN] | --init MODEL]``: train a denoiser on Ray
+Train, from scratch, continuing a stopped run, or fine-tuning an existing model."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help=(
+            "fine-tune: start from this model's weights ('default', a model folder, a training checkpoint "
+            "or run folder, models:/NAME@ALIAS); the architecture comes from its card, and optimiser fields "
+            "the config leaves unset get a short schedule (5 epochs at lr 2e-4). Same as --set init=MODEL"
+        ),
+    )
+    p.add_argument(
         "--num-cpus",
         type=int,
         default=None,
@@ -50,8 +61,13 @@ def _resolve_config(args: argparse.Namespace) -> TrainConfig:
     from semray.cli import UsageError
     from semray.train.runner import RUN_CONFIG_FILE, latest_run, storage_root
 
+    init = getattr(args, "init", None)
+    if init is not None and args.resume is not None:
+        raise UsageError("--init starts a new run from a model's weights; --resume continues a run: use one")
     if args.config is not None:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        if init is not None:
+            cfg.init = init  # not through --set: a spec is a plain string, never YAML
     elif args.resume is None:
         raise UsageError("--config is required (or --resume RUN to continue a run with its saved config)")
     else:

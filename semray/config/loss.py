@@ -9,9 +9,40 @@ from pydantic import Field, field_validator, model_validator
 from semray.config.base import StrictModel
 
 LossKind = Literal["composite", "mse_ssim", "l1"]
+#: What the network is trained to reproduce (see :mod:`semray.selfsup`).
+Objective = Literal["supervised", "n2v", "structn2v", "n2n"]
 
 #: The standard five-scale MS-SSIM exponents (Wang, Simoncelli & Bovik 2003), finest scale first.
 MS_SSIM_WEIGHTS: tuple[float, ...] = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+class BlindSpotMaskConfig(StrictModel):
+    """Blind-spot mask of the n2v / structn2v objectives (see :mod:`semray.selfsup`)."""
+
+    fraction: float = Field(
+        0.02,
+        gt=0.0,
+        le=0.25,
+        description="Blind (loss) pixels per crop, as a fraction of its pixels (Noise2Void uses 0.002-0.02).",
+    )
+    half_length: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description=(
+            "structn2v only: every blind pixel blinds the segment |d| <= half_length (px) along `axis`; set "
+            "it to the noise's correlation length. n2v always blinds the single pixel."
+        ),
+    )
+    axis: Literal["x", "y"] = Field(
+        "x", description="Axis the noise is correlated along: x = fast scan (rows), as in SEM scan noise."
+    )
+    radius: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Replacement values come from the (2 radius + 1)^2 window minus the segment (px).",
+    )
 
 
 class LossConfig(StrictModel):
@@ -24,7 +55,29 @@ class LossConfig(StrictModel):
 
     MS-SSIM defaults (3 scales, 7-px window) work on crops of 25 px and up, so 64 x 64 and 128 x 128
     training crops are fine; the loss raises a clear error on crops too small for the chosen setting.
+
+    ``objective`` picks what is trained against: ``supervised`` (the clean image, with ``kind``'s loss),
+    or without clean references (:mod:`semray.selfsup`): ``n2v`` (Noise2Void blind spot), ``structn2v``
+    (blind segment along the scan axis, ``mask``) or ``n2n`` (Noise2Noise: a second noisy frame). These
+    train with ``selfsup_pixel_loss``; ``kind``'s loss is then only the ``val_loss`` against clean.
     """
+
+    objective: Objective = Field(
+        "supervised",
+        description=(
+            "Training target: supervised (clean), n2v, structn2v (blind spot, loss on masked pixels) or "
+            "n2n (second noisy frame: shard column noisy2, else synthesised)."
+        ),
+    )
+    mask: BlindSpotMaskConfig = Field(
+        default_factory=BlindSpotMaskConfig, description="Blind-spot mask of n2v / structn2v."
+    )
+    selfsup_pixel_loss: Literal["mse", "l1"] = Field(
+        "mse",
+        description=(
+            "Per-pixel loss of the n2v/structn2v/n2n objectives; mse (unbiased for zero-mean noise) or l1."
+        ),
+    )
 
     kind: LossKind = Field("composite", description="Objective: composite, mse_ssim (baseline) or l1.")
     charbonnier_eps: float = Field(

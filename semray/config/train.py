@@ -42,6 +42,56 @@ VALIDATION_METRICS: dict[str, Literal["max", "min"]] = {
 }
 
 
+#: Allowed shard source names: they become metric-name suffixes (``val_psnr/<name>``) and MLflow keys.
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ShardSource(StrictModel):
+    """One named set of shards in a training mix, drawn from in proportion to its ``weight``."""
+
+    name: str = Field(
+        pattern=SOURCE_NAME_PATTERN,
+        description="Name of the source, unique in the mix; validation metrics are also reported as "
+        "`val_<metric>/<name>`.",
+    )
+    shards: list[str] = Field(
+        min_length=1,
+        description="Shard folders or files of this source (a single string is accepted).",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Relative share of the training crops drawn from this source (normalised over the mix).",
+    )
+    noise: Literal["synthesize", "as_is"] = Field(
+        "synthesize",
+        description=(
+            "synthesize: clean references get synthetic noise from the `noise` section (fresh each epoch); "
+            "as_is: real noisy/clean pairs, the shards' `noisy` column is used as it is (no noise on top)."
+        ),
+    )
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+
+def _source_shard_list(sources: object) -> list[str] | None:
+    """All shard paths named by raw ``sources`` input, in order, without duplicates (None if unreadable)."""
+    if not isinstance(sources, (list, tuple)):
+        return None
+    out: list[str] = []
+    for s in sources:
+        sh = s.get("shards") if isinstance(s, dict) else getattr(s, "shards", None)
+        paths = [sh] if isinstance(sh, str) else sh
+        if not isinstance(paths, (list, tuple)):
+            return None
+        out.extend(str(p) for p in paths if str(p) not in out)
+    return out
+
+
 class TrainDataConfig(StrictModel):
     """Where the training images come from and how they become batches."""
 
@@ -51,6 +101,16 @@ class TrainDataConfig(StrictModel):
         description=(
             "Shard folders or files (Parquet, semray.io schema). Rows with split 'train' are trained on, "
             "rows with split 'val' validate. A single string is accepted."
+        ),
+    )
+    sources: list[ShardSource] | None = Field(
+        None,
+        description=(
+            "A mix of named shard sources with weights and noise modes, e.g. real clean references "
+            "(noise: synthesize), real noisy/clean pairs (noise: as_is) and synthetic wafers. Each epoch "
+            "draws crops from every source in proportion to its weight; validation metrics are also "
+            "reported per source. Give either `shards` (one source) or `sources`; with `sources`, `shards` "
+            "is filled in as the list of all their folders."
         ),
     )
     generate: DatasetConfig | None = Field(
@@ -92,7 +152,10 @@ class TrainDataConfig(StrictModel):
         4, ge=1, le=1024, description="Images per Ray Data noise-synthesis task (batch size of that stage)."
     )
     val_max_images: int | None = Field(
-        16, ge=1, le=100_000, description="Validate on the first N val images (by image_id); None = all."
+        16,
+        ge=1,
+        le=100_000,
+        description="Validate on the first N val images (by image_id; per source with `sources`); None = all.",
     )
     val_noise_seed: int = Field(
         20240917,
@@ -116,6 +179,51 @@ class TrainDataConfig(StrictModel):
     @classmethod
     def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shards_from_sources(cls, data: object) -> object:
+        # With a mix, `shards` is derived (all sources' folders) so code reading it keeps working and a
+        # dumped config loads back; a different explicit `shards` is a contradiction.
+        if not isinstance(data, dict) or data.get("sources") is None:
+            return data
+        if data["sources"] == []:
+            raise ValueError("data.sources is empty; name at least one source or use data.shards")
+        derived = _source_shard_list(data["sources"])
+        if derived is None:
+            return data  # malformed sources: let field validation name the problem
+        given = data.get("shards")
+        if given is not None:
+            given_l = [given] if isinstance(given, str) else list(given)
+            if [str(g) for g in given_l] != derived:
+                raise ValueError(
+                    "give either data.shards (one source) or data.sources (a mix), not both; with "
+                    f"data.sources, data.shards is filled in as all their folders ({derived})"
+                )
+        return {**data, "shards": derived}
+
+    @model_validator(mode="after")
+    def _mix_is_consistent(self) -> TrainDataConfig:
+        if self.sources is None:
+            return self
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.sources: names must be unique, repeated: {dupes}")
+        if self.generate is not None:
+            raise ValueError(
+                "data.generate renders one synthetic set into data.shards; with data.sources render it "
+                "first (`semray synth --out FOLDER`) and list FOLDER as a source"
+            )
+        return self
+
+    @property
+    def mix_weights(self) -> dict[str, float]:
+        """Normalised weight of each source (empty without ``sources``)."""
+        if not self.sources:
+            return {}
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
 
 
 class OptimConfig(StrictModel):

@@ -35,6 +35,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from semray.config.train import TrainConfig
 from semray.losses import build_loss
 from semray.models.unet import build_model
+from semray.selfsup import SelfSupervisedObjective
 from semray.train.checkpoint import (
     DataRecord,
     LoopState,
@@ -51,6 +52,7 @@ from semray.train.validate import (
     metric_sums,
     sample_figure,
     sums_to_tensor,
+    val_keys,
 )
 
 #: Worst possible ``checkpoint_score``: given to epochs whose validation metric is NaN.
@@ -62,15 +64,38 @@ class InjectedFailure(RuntimeError):
 
 
 class _Collate(NumpyBatchCollateFn):
-    """numpy batch -> ``noisy``/``clean`` (N, 1, h, w) float32 tensors, plus ids and epochs as numpy."""
+    """numpy batch -> ``noisy``/``clean`` (and ``noisy2`` when present: Noise2Noise) (N, 1, h, w) float32
+    tensors, plus ids and epochs as numpy."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {
+        out = {
             "noisy": torch.from_numpy(np.ascontiguousarray(batch["noisy"], dtype=np.float32))[:, None],
             "clean": torch.from_numpy(np.ascontiguousarray(batch["clean"], dtype=np.float32))[:, None],
             "image_id": [str(i) for i in batch["image_id"]],
             "noise_epoch": np.asarray(batch["noise_epoch"]),
         }
+        if "noisy2" in batch:
+            out["noisy2"] = torch.from_numpy(np.ascontiguousarray(batch["noisy2"], dtype=np.float32))[:, None]
+        return out
+
+
+def mask_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """Generator of the blind-spot masks of one optimiser step on one rank (reproducible on resume)."""
+    return np.random.default_rng([int(seed), int(rank), int(step), 0x5E1F])
+
+
+def _inputs_and_targets(
+    objective: SelfSupervisedObjective | None, batch: dict[str, Any], noisy: torch.Tensor,
+    clean: torch.Tensor, rng_args: tuple[int, int, int], device: torch.device, memory_format: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``(network input, target, loss mask)`` of one batch: (noisy, clean, None) when supervised."""
+    if objective is None:
+        return noisy, clean, None
+    noisy2 = batch.get("noisy2")
+    if noisy2 is not None:
+        noisy2 = noisy2.to(device, non_blocking=True, memory_format=memory_format)
+    inp, target, mask = objective.prepare(noisy, noisy2, mask_rng(*rng_args))
+    return inp.to(memory_format=memory_format), target, mask
 
 
 def checkpoint_score(value: float, mode: str) -> float:
@@ -153,7 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    loss_fn = build_loss(cfg.loss).to(device)
+    loss_fn = build_loss(cfg.loss).to(device)  # supervised objective; always the val_loss against clean
+    objective = None if cfg.loss.objective == "supervised" else SelfSupervisedObjective(cfg.loss)
     total_steps = steps_per_epoch * cfg.optim.epochs
     mode = cfg.validation.resolved_mode
 
@@ -192,9 +218,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 optimizer, state.step, total_steps, cfg.optim.lr, cfg.optim.schedule,
                 cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio,
             )  # fmt: skip
+            inp, target, loss_mask = _inputs_and_targets(
+                objective, batch, noisy, clean, (cfg.seed, rank, state.step), device, memory_format
+            )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(noisy)
-            total, parts = loss_fn(pred.float(), clean)
+                pred = model(inp)
+            if objective is None:
+                total, parts = loss_fn(pred.float(), target)
+            else:
+                total, parts = objective.loss(pred.float(), target, loss_mask)
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"non-finite training loss at epoch {epoch}, step {state.step}: {parts}"
@@ -231,7 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         t_val = time.perf_counter()
         den = denoise_images(net, [it.noisy for it in val_mine], device, amp_dtype)
-        val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, loss_fn))))
+        keys = val_keys(val_all)  # + per-source keys of a mix, the same on every rank
+        val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, loss_fn), keys)), keys)
         metrics.update(val)
         metrics["val_time_s"] = time.perf_counter() - t_val
         score = val[cfg.validation.metric]

@@ -261,18 +261,34 @@ def has_column(files: Sequence[str], column: str) -> bool:
 
 
 def load_val_batch(
-    files: Sequence[str], image_ids: Sequence[str], noise: NoiseConfig, seed: int, crop_px: int | None
+    files: Sequence[str],
+    image_ids: Sequence[str],
+    noise: NoiseConfig,
+    seed: int,
+    crop_px: int | None,
+    *,
+    source: str | None = None,
+    noise_mode: str = "synthesize",
 ) -> dict[str, np.ndarray]:
     """The fixed validation set, built once by the driver (no Ray): the listed ``val`` images with
     noise from epoch 0 of ``seed``, cut to their fixed windows (:func:`val_crop_batch`).
 
     Small by construction (a few dozen crops), so it travels to the workers through the object store
     instead of being re-read and re-noised by every worker.
+
+    For one source of a mix (``source`` given) the batch also has ``source`` (its name) and
+    ``defect_mask_known`` (False where the shards say nobody labelled the defects) columns; with
+    ``noise_mode="as_is"`` the shards' own ``noisy`` images are used (dose NaN) instead of noise.
     """
     from semray.io import read_shard
 
     wanted = set(image_ids)
     cols = VAL_COLUMNS if has_column(files, "reference") else VAL_COLUMNS[:-1]
+    if noise_mode == "as_is":
+        cols = [*cols, "noisy"]
+    known_col = source is not None and has_column(files, "defect_mask_known")
+    if known_col:
+        cols = [*cols, "defect_mask_known"]
     parts: list[dict[str, np.ndarray]] = []
     for f in files:
         shard = read_shard(f, columns=cols)
@@ -283,7 +299,17 @@ def load_val_batch(
         if len(keep) == 0:
             continue
         rows = {k: v[keep] for k, v in shard.items()}
-        parts.append(val_crop_batch(add_noise_batch(rows, noise, seed, epoch=0), crop_px))
+        if noise_mode == "as_is":
+            rows["noise_dose_e_per_px"] = np.full(len(keep), np.nan)
+            part = val_crop_batch(rows, crop_px)
+        else:
+            part = val_crop_batch(add_noise_batch(rows, noise, seed, epoch=0), crop_px)
+        if source is not None:
+            n = len(keep)
+            part["source"] = np.asarray([source] * n, dtype=object)
+            known = rows["defect_mask_known"] if known_col else np.ones(n, dtype=bool)
+            part["defect_mask_known"] = np.asarray(known, dtype=bool)
+        parts.append(part)
     if not parts:
         raise ValueError(f"none of the {len(wanted)} validation ids were found in the shards")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -352,6 +378,7 @@ def build_train_dataset(
     noise_batch_images: int,
     data_cpus: float,
     block_bytes: int | None = None,
+    objective: str = "supervised",
 ) -> Any:
     """The ``train`` Ray Dataset: re-synthesises noise each time it is executed (once per epoch),
     taking the epoch from ``clock``, then cuts the random crops.
@@ -361,16 +388,22 @@ def build_train_dataset(
     single read block of up to 128 MiB; one map task would then synthesise a whole epoch's noise
     serially and hand over its crops only at the end, while the workers wait. A few MiB per block
     (about 16 images) keeps the noise stage parallel and streaming.
+
+    ``objective`` (``loss.objective``): anything but ``supervised`` runs :func:`selfsup_train_stage`
+    instead (acquired ``noisy``/``noisy2`` shard columns, or a synthetic second frame for ``n2n``).
     """
     import ray
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(list(files), num_cpus=data_cpus).select_columns(TRAIN_COLUMNS)
+    selfsup = objective != "supervised"
+    columns = selfsup_columns(files) if selfsup else TRAIN_COLUMNS
+    ds = ray.data.read_parquet(list(files), num_cpus=data_cpus).select_columns(columns)
     if block_bytes:
         ds.context.target_max_block_size = int(block_bytes)
     return ds.filter(expr=col("split") == "train").map_batches(
-        train_stage,
+        selfsup_train_stage if selfsup else train_stage,
         fn_kwargs={
+            **({"objective": objective} if selfsup else {}),
             "noise": noise.model_dump(mode="json"),
             "seed": seed,
             "clock": clock,
@@ -384,3 +417,340 @@ def build_train_dataset(
         batch_size=noise_batch_images,
         num_cpus=data_cpus,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-supervised objectives (loss.objective n2v / structn2v / n2n, see semray.selfsup)
+# --------------------------------------------------------------------------------------------------
+
+#: Acquired noisy frames a shard may hold; used instead of synthetic noise by self-supervised runs.
+NOISY_FRAME_COLUMNS = ("noisy", "noisy2")
+
+
+def selfsup_columns(files: Sequence[str]) -> list[str]:
+    """The training columns of a self-supervised run: :data:`TRAIN_COLUMNS` plus the acquired noisy
+    frames (``noisy``, ``noisy2``) that every shard file has."""
+    return [*TRAIN_COLUMNS, *(c for c in NOISY_FRAME_COLUMNS if has_column(files, c))]
+
+
+def selfsup_noise_batch(
+    batch: Mapping[str, np.ndarray],
+    noise: Mapping[str, Any] | NoiseConfig,
+    seed: int,
+    epoch: int,
+    objective: str,
+) -> dict[str, np.ndarray]:
+    """The noisy frame(s) of a self-supervised batch, before cropping (pure, no Ray).
+
+    * Shards with an acquired ``noisy`` column: it is used as is (and ``noisy2`` for ``n2n``); the dose
+      column is NaN (unknown).
+    * Otherwise noise is synthesised from ``(seed, image_id, epoch)``: frame 1 exactly as the supervised
+      pipeline makes it, and for ``n2n`` an independent second scan at the same settings
+      (:func:`semray.selfsup.add_noise_pair_batch`).
+
+    Raises:
+        ValueError: ``n2n`` on shards that hold ``noisy`` but no ``noisy2``.
+    """
+    from semray.selfsup import add_noise_pair_batch
+
+    n = len(batch["image_id"])
+    if "noisy" in batch:
+        if objective == "n2n" and "noisy2" not in batch:
+            raise ValueError(
+                "loss.objective n2n: the shards hold acquired 'noisy' frames but no second frame 'noisy2'"
+            )
+        out = dict(batch)
+        out["noise_epoch"] = np.full(n, epoch, dtype=np.int64)
+        out["noise_dose_e_per_px"] = np.full(n, np.nan)
+        return out
+    if objective == "n2n":
+        return add_noise_pair_batch(batch, noise, seed, epoch)
+    return add_noise_batch(batch, noise, seed, epoch)
+
+
+def selfsup_crop_batch(
+    noisy: Mapping[str, np.ndarray], objective: str, crop_px: int, crops_per_image: int, seed: int,
+    epoch: int, defect_prob: float, flips: bool, rot90: bool,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """:func:`crop_batch`, plus ``noisy2`` cut at the same windows for ``n2n`` (crops are seeded per
+    ``(seed, image_id, epoch)``, so cropping frame 2 the same way gives the same windows and flips)."""
+    out = crop_batch(noisy, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90)
+    if objective == "n2n":
+        second = crop_batch({**noisy, "noisy": noisy["noisy2"]}, crop_px, crops_per_image, seed, epoch,
+                            defect_prob, flips, rot90)  # fmt: skip
+        out["noisy2"] = second["noisy"]
+    return out
+
+
+def selfsup_train_stage(
+    batch: dict[str, np.ndarray],
+    noise: Mapping[str, Any],
+    seed: int,
+    clock: Any,
+    objective: str,
+    crop_px: int,
+    crops_per_image: int,
+    defect_prob: float,
+    flips: bool,
+    rot90: bool,
+) -> dict[str, np.ndarray]:
+    """Ray Data map function of self-supervised runs (:func:`train_stage` with the frames above)."""
+    import ray
+
+    epoch = int(ray.get(clock.get.remote()))
+    noisy = selfsup_noise_batch(batch, noise, seed, epoch, objective)
+    return selfsup_crop_batch(
+        noisy, objective, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixing shard sources (data.sources): exact per-epoch shares, real pairs used as they are
+# --------------------------------------------------------------------------------------------------
+#
+# Each epoch the workers consume exactly ``steps_per_epoch * batch_size * num_workers`` crops (the
+# runner sizes the epoch that way and Ray Train splits the stream equally), and source ``s`` contributes
+# exactly ``mix_totals(weights, total)[s]`` of them, whatever order the union streams them in. Inside a
+# source the crops are spread over its training images as evenly as possible (every image gets
+# floor or ceil of total/n crops), in an order reshuffled every epoch from ``(seed, epoch, source)``:
+# a small source is oversampled (several crops, each with fresh noise, per image), a large one
+# undersampled (a different subset every epoch). Images that get no crop this epoch are not noised.
+
+#: Source noise modes (``ShardSource.noise``).
+MIX_NOISE_MODES = ("synthesize", "as_is")
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def mix_totals(weights: Sequence[float], total: int) -> list[int]:
+    """Split ``total`` crops over sources in proportion to ``weights`` (largest remainder: exact sum).
+
+    Raises:
+        ValueError: a weight is not finite and positive, or ``total`` is negative.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"mix weights must be finite and > 0, got {list(weights)}")
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    exact = w / w.sum() * total
+    base = np.floor(exact).astype(np.int64)
+    rest = int(total - base.sum())
+    # ties go to the earlier source, so the split is deterministic
+    order = sorted(range(len(w)), key=lambda i: (-(exact[i] - base[i]), i))
+    for i in order[:rest]:
+        base[i] += 1
+    return [int(b) for b in base]
+
+
+def _id_hashes(image_ids: Sequence[str]) -> np.ndarray:
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+            for i in image_ids
+        ),
+        dtype=np.uint64,
+        count=len(image_ids),
+    )
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def allocate_crops(
+    image_ids: Sequence[str], total: int, seed: int, epoch: int, source: str = ""
+) -> np.ndarray:
+    """How many crops each image of a source gives in one epoch, ``total`` in all.
+
+    Images are ranked by a hash of ``(seed, epoch, source, image_id)``; the image at rank ``j`` gets
+    ``floor((j+1) total / n) - floor(j total / n)`` crops, so every image gets floor or ceil of
+    ``total / n``, the counts sum to ``total`` exactly, and which images get the extra (or any) crop
+    changes from epoch to epoch. Independent of the order of ``image_ids``.
+
+    Returns:
+        int64 (n,) counts aligned with ``image_ids``.
+    """
+    n = len(image_ids)
+    if n == 0:
+        if total:
+            raise ValueError(f"cannot draw {total} crops from a source without images")
+        return np.zeros(0, dtype=np.int64)
+    key = int.from_bytes(
+        hashlib.blake2b(f"{int(seed)}/{int(epoch)}/{source}".encode(), digest_size=8).digest(), "little"
+    )
+    rank_key = _splitmix64(_id_hashes(image_ids) ^ np.uint64(key))
+    order = np.lexsort((np.asarray([str(i) for i in image_ids]), rank_key))  # ids break (unlikely) ties
+    j = np.arange(n, dtype=np.int64)
+    per_rank = (j + 1) * int(total) // n - j * int(total) // n
+    counts = np.empty(n, dtype=np.int64)
+    counts[order] = per_rank
+    return counts
+
+
+_ALLOC_CACHE: dict[tuple[Any, ...], dict[str, int]] = {}
+
+
+def _allocation(ids_ref: Any, total: int, seed: int, epoch: int, source: str) -> dict[str, int]:
+    """:func:`allocate_crops` of a source's id list (an object ref), cached per worker process."""
+    import ray
+
+    key = (ids_ref.hex() if hasattr(ids_ref, "hex") else id(ids_ref), total, seed, epoch, source)
+    hit = _ALLOC_CACHE.get(key)
+    if hit is None:
+        ids = ray.get(ids_ref) if isinstance(ids_ref, ray.ObjectRef) else ids_ref
+        counts = allocate_crops(ids, total, seed, epoch, source)
+        hit = {str(i): int(c) for i, c in zip(ids, counts, strict=True)}
+        if len(_ALLOC_CACHE) >= 16:
+            _ALLOC_CACHE.clear()
+        _ALLOC_CACHE[key] = hit
+    return hit
+
+
+def mix_crop_batch(
+    batch: Mapping[str, np.ndarray],
+    counts: Sequence[int],
+    *,
+    source: str,
+    noise_mode: str,
+    noise: NoiseConfig | Mapping[str, Any],
+    seed: int,
+    epoch: int,
+    crop_px: int,
+    defect_prob: float = 0.0,
+    flips: bool = True,
+    rot90: bool = False,
+) -> dict[str, np.ndarray]:
+    """Crops of one source's rows for one epoch: ``counts[r]`` crops of row ``r`` (0 = skipped).
+
+    ``noise_mode`` ``synthesize`` adds this epoch's noise (exactly as :func:`train_stage` does);
+    ``as_is`` crops the row's own ``noisy`` image (a real pair) with no noise on top, and reports
+    ``noise_dose_e_per_px`` NaN. Same crop/augment maths as :func:`crop_batch`.
+
+    Returns:
+        The columns of :func:`crop_batch` plus ``source`` (N,) str, N = sum(counts).
+    """
+    if noise_mode not in MIX_NOISE_MODES:
+        raise ValueError(f"noise_mode must be one of {MIX_NOISE_MODES}, got {noise_mode!r}")
+    counts = np.asarray(counts, dtype=np.int64)
+    parts: list[dict[str, np.ndarray]] = []
+    for k in sorted(set(counts[counts > 0].tolist())):
+        rows = np.flatnonzero(counts == k)
+        sub = {c: v[rows] for c, v in batch.items()}
+        if noise_mode == "synthesize":
+            sub = add_noise_batch(sub, noise, seed, epoch)
+        else:
+            if "noisy" not in sub:
+                raise ValueError(f"source {source!r} (noise: as_is) has no 'noisy' column")
+            sub.pop("noise_epoch", None)
+            sub.pop("noise_dose_e_per_px", None)
+        parts.append(crop_batch(sub, crop_px, int(k), seed, epoch, defect_prob, flips, rot90))
+    if not parts:
+        parts.append(
+            {
+                "image_id": np.asarray([], dtype=object),
+                "noisy": np.zeros((0, crop_px, crop_px), np.float32),
+                "clean": np.zeros((0, crop_px, crop_px), np.float32),
+                "noise_epoch": np.zeros(0, np.int64),
+                "noise_dose_e_per_px": np.zeros(0, np.float64),
+            }
+        )
+    out = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    out["image_id"] = np.asarray([str(i) for i in out["image_id"]], dtype=object)
+    out["source"] = np.asarray([source] * len(out["image_id"]), dtype=object)
+    return out
+
+
+def mix_train_stage(
+    batch: dict[str, np.ndarray],
+    *,
+    source: str,
+    noise_mode: str,
+    ids_ref: Any,
+    total: int,
+    noise: Mapping[str, Any],
+    seed: int,
+    clock: Any,
+    crop_px: int,
+    defect_prob: float,
+    flips: bool,
+    rot90: bool,
+) -> dict[str, np.ndarray]:
+    """Ray Data map function of one source: this epoch's crop counts, then :func:`mix_crop_batch`."""
+    import ray
+
+    epoch = int(ray.get(clock.get.remote()))
+    alloc = _allocation(ids_ref, total, seed, epoch, source)
+    counts = [alloc.get(str(i), 0) for i in batch["image_id"]]
+    return mix_crop_batch(
+        batch, counts, source=source, noise_mode=noise_mode, noise=noise, seed=seed, epoch=epoch,
+        crop_px=crop_px, defect_prob=defect_prob, flips=flips, rot90=rot90,
+    )  # fmt: skip
+
+
+def build_mix_dataset(
+    sources: Sequence[Any],
+    totals: Sequence[int],
+    noise: NoiseConfig,
+    seed: int,
+    clock: Any,
+    *,
+    crop_px: int,
+    defect_prob: float,
+    flips: bool,
+    rot90: bool,
+    noise_batch_images: int,
+    data_cpus: float,
+    block_bytes: int | None = None,
+) -> Any:
+    """The ``train`` Ray Dataset of a mix: one branch per source (:func:`mix_train_stage`), unioned.
+
+    Args:
+        sources: objects with ``name``, ``files``, ``noise`` (``synthesize``/``as_is``) and
+            ``train_ids`` (the runner's :class:`~semray.train.runner.SourcePlan`).
+        totals: crops per epoch of each source (:func:`mix_totals`).
+        the rest: as :func:`build_train_dataset`.
+
+    Rows carry a ``source`` column, so what the workers trained on can be counted per source.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    branches = []
+    for src, total in zip(sources, totals, strict=True):
+        if total <= 0:
+            continue
+        cols = TRAIN_COLUMNS + (["noisy"] if src.noise == "as_is" else [])
+        ds = ray.data.read_parquet(list(src.files), num_cpus=data_cpus).select_columns(cols)
+        if block_bytes:
+            ds.context.target_max_block_size = int(block_bytes)
+        branches.append(
+            ds.filter(expr=col("split") == "train").map_batches(
+                mix_train_stage,
+                fn_kwargs={
+                    "source": src.name,
+                    "noise_mode": src.noise,
+                    "ids_ref": ray.put(list(src.train_ids)),
+                    "total": int(total),
+                    "noise": noise.model_dump(mode="json"),
+                    "seed": seed,
+                    "clock": clock,
+                    "crop_px": crop_px,
+                    "defect_prob": defect_prob,
+                    "flips": flips,
+                    "rot90": rot90,
+                },
+                batch_format="numpy",
+                batch_size=noise_batch_images,
+                num_cpus=data_cpus,
+            )
+        )
+    if not branches:
+        raise ValueError("no source contributes crops to the epoch")
+    out = branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
+    if block_bytes:
+        out.context.target_max_block_size = int(block_bytes)
+    return out

@@ -7,7 +7,11 @@ Pure torch/numpy; the training loop splits the items over workers and sums the r
 * ``loss``: the training objective on the validation crops.
 * ``edge_preservation``, ``gradient_correlation``: edge F1 and gradient correlation (semray.metrics).
 * ``defect_recall``, ``defect_contrast``: over images that have a measurable defect in their crop
-  (NaN when none has).
+  (NaN when none has); images whose defect mask is unknown (real data nobody labelled) never count.
+
+When the items come from a mix of shard sources (``ValItem.source`` set), every metric is also
+reported per source as ``<metric>/<source>`` (e.g. ``val_psnr/real_pairs``); :func:`val_keys` lists
+the keys in the fixed order every worker sums them in.
 """
 
 from __future__ import annotations
@@ -47,13 +51,18 @@ class ValItem:
     defect_mask: np.ndarray
     reference: np.ndarray | None
     dose_e_per_px: float
+    source: str = ""
+    defect_known: bool = True
 
 
 def collect_val_items(batches: Iterable[dict[str, np.ndarray]]) -> list[ValItem]:
-    """Turn numpy batches of the ``val`` dataset into :class:`ValItem` s, sorted by image id."""
+    """Turn numpy batches of the ``val`` dataset into :class:`ValItem` s, sorted by image id (by
+    source, then interleaved across sources, when the batches carry a ``source`` column)."""
     items: list[ValItem] = []
     for b in batches:
         ref = b.get("reference")
+        src = b.get("source")
+        known = b.get("defect_mask_known")
         for i in range(len(b["image_id"])):
             items.append(
                 ValItem(
@@ -61,11 +70,27 @@ def collect_val_items(batches: Iterable[dict[str, np.ndarray]]) -> list[ValItem]
                     noisy=np.asarray(b["noisy"][i], dtype=np.float32),
                     clean=np.asarray(b["clean"][i], dtype=np.float32),
                     defect_mask=np.asarray(b["defect_mask"][i], dtype=bool),
-                    reference=None if ref is None else np.asarray(ref[i], dtype=np.float32),
+                    reference=None if ref is None or ref[i] is None else np.asarray(ref[i], dtype=np.float32),
                     dose_e_per_px=float(b["noise_dose_e_per_px"][i]),
+                    source="" if src is None else str(src[i]),
+                    defect_known=True if known is None else bool(known[i]),
                 )
             )
-    return sorted(items, key=lambda it: it.image_id)
+    # Round-robin over sources (each sorted by image id): the first few items (the sample figure) and
+    # every worker's share ``items[rank::world]`` then hold all sources. One source: sorted by id.
+    by_source: dict[str, list[ValItem]] = {}
+    for it in sorted(items, key=lambda it: (it.source, it.image_id)):
+        by_source.setdefault(it.source, []).append(it)
+    lists = list(by_source.values())
+    longest = max((len(x) for x in lists), default=0)
+    return [lst[j] for j in range(longest) for lst in lists if j < len(lst)]
+
+
+def val_keys(items: Sequence[ValItem]) -> tuple[str, ...]:
+    """Metric keys of a validation set: :data:`VAL_KEYS`, then ``<key>/<source>`` for each source
+    (sorted) among ``items``. Computed from the *whole* set, so every worker gets the same keys."""
+    sources = sorted({it.source for it in items if it.source})
+    return VAL_KEYS + tuple(f"{k}/{s}" for s in sources for k in VAL_KEYS)
 
 
 def _groups(images: Sequence[np.ndarray], batch: int) -> list[list[int]]:
@@ -104,15 +129,18 @@ def denoise_images(
 def metric_sums(
     items: Sequence[ValItem], denoised: Sequence[np.ndarray], loss_fn: nn.Module | None = None
 ) -> dict[str, tuple[float, int]]:
-    """Per-metric ``(sum, count)`` over ``items`` (NaN values are not counted), keys :data:`VAL_KEYS`."""
-    sums = {k: [0.0, 0] for k in VAL_KEYS}
+    """Per-metric ``(sum, count)`` over ``items`` (NaN values are not counted), keys :data:`VAL_KEYS`
+    plus ``<key>/<source>`` for the sources among ``items`` (see :func:`val_keys`)."""
+    sums: dict[str, list[float]] = {k: [0.0, 0] for k in val_keys(items)}
 
-    def add(key: str, value: float, n: int = 1) -> None:
+    def add(key: str, value: float, n: int = 1, source: str = "") -> None:
         if math.isfinite(value):
-            sums[key][0] += value * n
-            sums[key][1] += n
+            for k in (key, f"{key}/{source}") if source else (key,):
+                sums[k][0] += value * n
+                sums[k][1] += n
 
-    for idx in _groups([it.clean for it in items], 16):
+    for idx in _source_groups(items, 16):
+        src = items[idx[0]].source
         clean = torch.from_numpy(np.stack([items[i].clean for i in idx]))[:, None]
         den = torch.from_numpy(np.stack([denoised[i] for i in idx]))[:, None]
         noisy = torch.from_numpy(np.stack([items[i].noisy for i in idx]))[:, None]
@@ -120,32 +148,46 @@ def metric_sums(
         p_noisy = M.psnr_torch(noisy, clean)
         s = M.ssim_torch(den, clean) if min(clean.shape[-2:]) >= 11 else torch.full_like(p, float("nan"))
         for k in range(len(idx)):
-            add("val_psnr", float(p[k]))
-            add("val_psnr_gain", float(p[k] - p_noisy[k]))
-            add("val_ssim", float(s[k]))
+            add("val_psnr", float(p[k]), source=src)
+            add("val_psnr_gain", float(p[k] - p_noisy[k]), source=src)
+            add("val_ssim", float(s[k]), source=src)
         if loss_fn is not None:
             with torch.no_grad():
                 total, _ = loss_fn(den, clean)
-            add("val_loss", float(total), len(idx))
+            add("val_loss", float(total), len(idx), source=src)
     for it, den_img in zip(items, denoised, strict=True):
-        add("val_edge_preservation", M.edge_preservation(it.clean, den_img))
-        add("val_gradient_correlation", M.gradient_correlation(it.clean, den_img))
-        if it.defect_mask.any():
-            add("val_defect_recall", M.defect_recall(it.clean, den_img, it.defect_mask, it.reference))
-            add("val_defect_contrast", M.defect_contrast(it.clean, den_img, it.defect_mask, it.reference))
+        add("val_edge_preservation", M.edge_preservation(it.clean, den_img), source=it.source)
+        add("val_gradient_correlation", M.gradient_correlation(it.clean, den_img), source=it.source)
+        if it.defect_known and it.defect_mask.any():
+            recall = M.defect_recall(it.clean, den_img, it.defect_mask, it.reference)
+            add("val_defect_recall", recall, source=it.source)
+            contrast = M.defect_contrast(it.clean, den_img, it.defect_mask, it.reference)
+            add("val_defect_contrast", contrast, source=it.source)
     return {k: (v[0], int(v[1])) for k, v in sums.items()}
 
 
-def sums_to_tensor(sums: dict[str, tuple[float, int]]) -> torch.Tensor:
-    """``[sum_0, count_0, sum_1, count_1, ...]`` in :data:`VAL_KEYS` order (float64), for all-reduce."""
-    return torch.tensor([x for k in VAL_KEYS for x in sums[k]], dtype=torch.float64)
+def _source_groups(items: Sequence[ValItem], batch: int) -> list[list[int]]:
+    """Batches of equal-shape items of one source each (one source: exactly :func:`_groups`)."""
+    by_source: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_source.setdefault(it.source, []).append(i)
+    out = []
+    for idx in by_source.values():
+        out.extend([[idx[j] for j in g] for g in _groups([items[i].clean for i in idx], batch)])
+    return out
 
 
-def finalize(totals: torch.Tensor) -> dict[str, float]:
+def sums_to_tensor(sums: dict[str, tuple[float, int]], keys: Sequence[str] = VAL_KEYS) -> torch.Tensor:
+    """``[sum_0, count_0, sum_1, count_1, ...]`` in ``keys`` order (float64), for all-reduce; a key
+    missing from ``sums`` (a source this worker has no items of) counts as ``(0, 0)``."""
+    return torch.tensor([x for k in keys for x in sums.get(k, (0.0, 0))], dtype=torch.float64)
+
+
+def finalize(totals: torch.Tensor, keys: Sequence[str] = VAL_KEYS) -> dict[str, float]:
     """Means from a (summed) :func:`sums_to_tensor` vector; NaN where nothing was counted."""
     vals = totals.tolist()
     out = {}
-    for i, k in enumerate(VAL_KEYS):
+    for i, k in enumerate(keys):
         s, n = vals[2 * i], vals[2 * i + 1]
         out[k] = s / n if n > 0 else float("nan")
     return out
@@ -162,7 +204,8 @@ def sample_figure(
     for it, den in zip(items, denoised, strict=True):
         rows.append([it.noisy, den, it.clean, np.abs(den - it.clean)])
         psnr_n, psnr_d = M.psnr(it.clean, it.noisy), M.psnr(it.clean, den)
-        titles.append(f"{it.dose_e_per_px:.0f} e-/px\n{psnr_n:.1f} -> {psnr_d:.1f} dB")
+        dose = f"{it.dose_e_per_px:.0f} e-/px" if math.isfinite(it.dose_e_per_px) else "real noise"
+        titles.append(f"{(it.source + ': ') if it.source else ''}{dose}\n{psnr_n:.1f} -> {psnr_d:.1f} dB")
     return image_grid(
         rows,
         ["noisy", "denoised", "clean", "|denoised - clean|"],
