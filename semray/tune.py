@@ -38,6 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from semray.config.base import ConfigError, dump_yaml, flatten
 from semray.config.train import TrainConfig
 from semray.config.tune import SCORE_METRIC, ObjectiveSection, TuneConfig, trial_config
+from semray.rayenv import worker_env
 
 TAG_KIND = "semray.kind"
 TAG_SEARCH = "semray.search_name"
@@ -61,6 +62,7 @@ class SearchResult:
         registered_model, model_version, model_alias: the registered best model (None if not registered).
         trials: one summary row per trial (see :func:`summary_rows`).
         resumed: True if an interrupted search was restored.
+        tracking_uri: the MLflow store the runs are in (``mlflow ui --backend-store-uri`` it).
     """
 
     name: str
@@ -77,6 +79,7 @@ class SearchResult:
     model_alias: str | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
+    tracking_uri: str | None = None
 
     def summary(self) -> str:
         """Human-readable lines saying where everything is."""
@@ -84,6 +87,7 @@ class SearchResult:
         lines = [
             f"search {self.name}: {len(self.trials)} trials ({n_stopped} stopped early by the scheduler)"
             + (" [resumed]" if self.resumed else ""),
+            f"  MLflow tracking URI: {self.tracking_uri}",
             f"  MLflow experiment id: {self.experiment_id}",
             f"  MLflow parent run id: {self.parent_run_id}",
             f"  best trial:           {self.best_trial} (run {self.best_run_id}, {SCORE_METRIC} = {self.best_score})",
@@ -299,25 +303,70 @@ def storage_root(cfg: TuneConfig) -> str:
     return str(semray_home() / "tune")
 
 
-def connect_ray(cfg: TuneConfig) -> None:
+def trial_cpus(cfg: TuneConfig) -> float:
+    """Logical CPUs one running trial holds: its driver, its Train workers and one Ray Data task."""
+    s = cfg.base.scaling
+    return cfg.resources.cpus + s.num_workers * s.cpus_per_worker + s.data_cpus
+
+
+def concurrent_trials(cfg: TuneConfig, cluster_cpus: float) -> int:
+    """How many trials can run at once on ``cluster_cpus`` logical CPUs without starving each other.
+
+    Tune reserves only each trial's driver (``resources.cpus``); the trial's Train workers and Ray Data
+    tasks ask Ray for CPUs afterwards. If the concurrent trials' workers take every CPU, no data task
+    can be scheduled and every trial waits forever. One whole CPU is kept free besides, because Ray
+    places an actor (such as Ray Data's Parquet footer readers) only where a whole CPU is free.
+
+    Returns:
+        ``min(search.max_concurrent_trials, floor((cluster_cpus - 1) / trial_cpus))``, at least 0.
+    """
+    fit = math.floor((cluster_cpus - 1.0) / trial_cpus(cfg) + 1e-9)
+    return max(0, min(cfg.search.max_concurrent_trials, fit))
+
+
+def connect_ray(cfg: TuneConfig, n_files: int = 1) -> int:
     """Join the cluster this process runs in (a Ray job, or ``RAY_ADDRESS``), else start a local Ray.
 
-    A local Ray gets at least the concurrent trials' workers + data tasks in logical CPUs, so trials
-    never wait on each other for scheduling tokens on a 2-core laptop (see
-    :func:`semray.train.runner.local_ray_cpus`)."""
+    A local Ray gets enough logical CPUs for ``search.max_concurrent_trials`` trials (see
+    :func:`concurrent_trials`), at least the machine's cores: logical CPUs are scheduling tokens, so
+    oversubscribing them on a 2-core laptop lets the OS interleave the trials. Workers get
+    :func:`worker_env`.
+
+    Returns:
+        The number of trials to run at once: ``search.max_concurrent_trials``, lowered (at least 1,
+        with a warning) when a single-node CPU cluster is too small for that many.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    # a `ray job submit` driver has RAY_ADDRESS (and a job id) set by the job supervisor
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
-        ray.init(address="auto", log_to_driver=True)
-        return
-    s = cfg.base.scaling
-    per_trial = cfg.resources.cpus + s.num_workers * s.cpus_per_worker + s.data_cpus
-    # + 2: Ray Data's read tasks take a whole CPU each, outside any trial's reservation
-    need = math.ceil(cfg.search.max_concurrent_trials * per_trial + 2)
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": worker_env(n_files)}
+        # a `ray job submit` driver has RAY_ADDRESS (and a job id) set by the job supervisor
+        if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+            ray.init(address="auto", log_to_driver=True, runtime_env=runtime_env)
+        else:
+            need = math.ceil(cfg.search.max_concurrent_trials * trial_cpus(cfg) + 1)
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, need),
+                include_dashboard=False,
+                log_to_driver=True,
+                runtime_env=runtime_env,
+            )
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    want, fit = cfg.search.max_concurrent_trials, concurrent_trials(cfg, cpus)
+    if fit >= want:
+        return want
+    # a CPU search on one machine cannot grow: run fewer trials at once rather than deadlock. A cluster
+    # that may still add nodes (several nodes, or GPU trials an autoscaler provides for) keeps the cap.
+    single = sum(1 for n in ray.nodes() if n.get("Alive")) <= 1 and not cfg.base.scaling.use_gpu
+    n = max(1, fit) if single else want
+    print(
+        f"semray tune: WARNING the Ray cluster has {cpus:g} CPUs; a trial holds {trial_cpus(cfg):g} "
+        f"(resources.cpus + base.scaling workers + data_cpus) and Ray Data needs 1 more free, so "
+        f"{fit} of search.max_concurrent_trials={want} fit; running {n} at a time"
+        + ("" if fit >= 1 else " (start Ray with more logical CPUs, e.g. `ray start --head --num-cpus 4`)"),
+        flush=True,
+    )
+    return n
 
 
 def _parent_run(cfg: TuneConfig, name: str, storage: str, resumed: bool) -> tuple[str, str, str]:
@@ -348,7 +397,9 @@ def _parent_run(cfg: TuneConfig, name: str, storage: str, resumed: bool) -> tupl
     return uri, exp_id, rid
 
 
-def _build_tuner(cfg: TuneConfig, name: str, storage: str, ctx: dict[str, Any], restore: bool) -> Any:
+def _build_tuner(
+    cfg: TuneConfig, name: str, storage: str, ctx: dict[str, Any], restore: bool, max_concurrent: int
+) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -362,6 +413,9 @@ def _build_tuner(cfg: TuneConfig, name: str, storage: str, ctx: dict[str, Any], 
             max_t=cfg.base.optim.epochs,
             grace_period=min(cfg.scheduler.grace_period, cfg.base.optim.epochs),
             reduction_factor=cfg.scheduler.reduction_factor,
+            # the default (True) stops a trial at its last report, which kills it before trial_fn logs
+            # its best model: a trial that reaches max_t must end on its own
+            stop_last_trials=False,
         )
     else:
         scheduler = FIFOScheduler()
@@ -370,9 +424,7 @@ def _build_tuner(cfg: TuneConfig, name: str, storage: str, ctx: dict[str, Any], 
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # an explicit generator ignores TuneConfig.max_concurrent_trials: give it the cap itself
-        search_alg = BasicVariantGenerator(
-            random_state=cfg.search.seed, max_concurrent=cfg.search.max_concurrent_trials
-        )
+        search_alg = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=max_concurrent)
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
@@ -382,7 +434,7 @@ def _build_tuner(cfg: TuneConfig, name: str, storage: str, ctx: dict[str, Any], 
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=cfg.search.num_samples,
-            max_concurrent_trials=None if search_alg is not None else cfg.search.max_concurrent_trials,
+            max_concurrent_trials=None if search_alg is not None else max_concurrent,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1)
@@ -419,7 +471,7 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
     restore = exists and resume is not False
     # data problems (missing shards, crops too large) surface here, before any trial starts
     plan = prepare_data(cfg.base)
-    connect_ray(cfg)
+    max_concurrent = connect_ray(cfg, n_files=len(plan.files))
     uri, exp_id, parent = _parent_run(cfg, name, storage, restore)
     ctx = {
         "base": cfg.base.model_dump(mode="json"),
@@ -434,7 +486,7 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
     if restore:
         print(f"semray tune: resuming search {name} from {path}", flush=True)
     try:
-        grid = _build_tuner(cfg, name, storage, ctx, restore).fit()
+        grid = _build_tuner(cfg, name, storage, ctx, restore, max_concurrent).fit()
         return _finish(cfg, grid, name, storage, uri, exp_id, parent, restore)
     except BaseException:
         _client(uri).set_terminated(parent, status="FAILED")
@@ -540,6 +592,7 @@ def _finish(
         best_config=trial_config(cfg.base, best_params).model_dump(mode="json"),
         trials=rows,
         resumed=resumed,
+        tracking_uri=uri,
     )
     with tempfile.TemporaryDirectory(prefix="semray-tune-report-") as tmp:
         for f in write_report(rows, list(cfg.space), Path(tmp), title=f"search {name}"):

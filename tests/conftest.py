@@ -19,6 +19,8 @@ def ray_local() -> Iterator[None]:
     """A local Ray with more logical CPUs than cores, so Train workers and Data tasks don't deadlock."""
     import ray
 
+    # Ray Data's Parquet reader would start 32 footer-reader processes per dataset execution
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s node start-up deadline
         if ray.is_initialized():
             break
