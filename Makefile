@@ -25,7 +25,8 @@ install-browser:
 	@test -x /usr/bin/chromium || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || { echo "install Debian's chromium (apt-get install chromium) to run the web-page tests"; exit 1; }; }
 
-## Main job on the embedded defaults: local Ray, local MLflow store under ./mlruns, shipped model.
+## Main job on the embedded defaults (semray demo): local Ray, the local MLflow store (~/.semray, or
+## SEMRAY_HOME), shipped model; synth -> search -> register -> denoise a lot -> evaluate.
 demo: install
 	$(BIN)/semray demo --out outputs/demo
 

@@ -1,7 +1,10 @@
-"""``semray demo --out DIR``: the main job on the embedded defaults, end to end, no network.
+"""``semray demo``: the main job on the embedded defaults, end to end, no network (``make demo``).
 
-Today: a small synthetic shard set and its preview figure. It grows with the pipeline (training,
-search, batch denoising, evaluation) as those stages land.
+semray demo [--out DIR] [--config quickstart.yaml] [--set key=value ...] [--force]
+
+Synthesises wafer shards, runs a small loss/architecture search on a local Ray (or the cluster in
+RAY_ADDRESS), registers the best model in MLflow, denoises a synthetic lot with it and evaluates it
+against the shipped model and BM3D (see :mod:`semray.quickstart`). A rerun reuses finished stages.
 """
 
 from __future__ import annotations
@@ -10,29 +13,38 @@ import argparse
 from pathlib import Path
 
 from semray.config.base import load_config
-from semray.config.data import DatasetConfig
-
-DEMO_OVERRIDES = ["n_train=24", "n_val=8", "n_test=8", "rows_per_shard=16"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job end to end on the embedded defaults")
-    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
+    p = sub.add_parser(
+        "demo", help="run the main job end to end: synth -> search -> register -> denoise a lot -> evaluate"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/demo)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="QuickstartConfig YAML (default: the embedded demo)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set tune.search.num_samples=8 (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="redo every stage, even those done in an earlier run")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from semray.data import synthesize_shards
-    from semray.preview import write_preview
+    from semray.config.quickstart import QuickstartConfig
+    from semray.quickstart import run_quickstart
+    from semray.tracking import tracking_uri
 
-    out: Path = args.out
-    cfg = load_config(DatasetConfig, None, DEMO_OVERRIDES)
-    shards = out / "shards"
-    print(f"[1/2] synthesising {cfg.n_train + cfg.n_val + cfg.n_test} wafer images into {shards}")
-    summary = synthesize_shards(cfg, shards)
-    print(f"[2/2] writing the preview figure (clean | noisy at {cfg.preview.doses_e_per_px} e-/px | defects)")
-    png = write_preview(cfg, shards, out / "preview.png")
-    print("\ndone. Look at:")
-    print(f"  shards:  {summary.out_dir}  ({len(summary.shards)} Parquet files)")
-    print(f"  preview: {png}")
+    cfg = load_config(QuickstartConfig, args.config, args.overrides)
+    if args.out is not None:
+        cfg.out_dir = str(args.out)
+    result = run_quickstart(cfg, force=args.force)
+    took = sum(result.seconds.values())
+    print(f"\nstages took {took:.0f} s" + (f" (reused: {', '.join(result.reused)})" if result.reused else ""))
+    print(result.where_to_look(tracking_uri()))
     return 0

@@ -55,6 +55,7 @@ RUN_CONFIGS: tuple[tuple[str, str], ...] = (
     ("Evaluation (`semray evaluate`)", "semray.config.evaluate.EvaluateConfig"),
     ("Ablation study", "semray.config.evaluate.AblationConfig"),
     ("Serve app (`semray serve`)", "semray.config.serve.ServeConfig"),
+    ("Quickstart (`semray demo`)", "semray.config.quickstart.QuickstartConfig"),
 )
 
 _HEADER = """\
