@@ -30,9 +30,10 @@ install-browser:
 demo: install
 	$(BIN)/semray demo --out outputs/demo
 
-## The full test suite (what CI runs).
+## The full test suite (what CI runs): everything, then the Ray Tune job end-to-end tests (own Ray head).
 test: install install-browser
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m tune_e2e tests/test_tune.py
 
 ## The Ray Tune job end-to-end tests (own Ray head, several minutes; see issue 5).
 test-tune-e2e: install

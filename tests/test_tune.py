@@ -399,7 +399,7 @@ def test_job_runs_search_and_mlflow_holds_parent_children_and_model(
     mv = client_ml.get_model_version("tune-e2e-unet", "1")
     assert mv.run_id == best.info.run_id
     assert mv.tags["semray.search_run_id"] == parent.info.run_id
-    assert client_ml.get_model_version_by_alias("tune-e2e-unet", "tuned").version == "1"
+    assert str(client_ml.get_model_version_by_alias("tune-e2e-unet", "tuned").version) == "1"
     arts = {a.path for a in client_ml.list_artifacts(parent.info.run_id, "summary")}
     assert arts == {"summary/summary.csv", "summary/summary.md", "summary/score_vs_loss_weights.png"}
 
