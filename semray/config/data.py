@@ -9,6 +9,13 @@ from semray.config.noise import NoiseConfig
 from semray.config.synth import SynthConfig
 
 
+def check_doses(v: list[float]) -> list[float]:
+    """Validator body for a list of electron doses: at least one, every one > 0."""
+    if not v or any(d <= 0 for d in v):
+        raise ValueError("needs at least one dose and every dose must be > 0")
+    return v
+
+
 class PreviewConfig(StrictModel):
     """The preview figure written next to the shards."""
 
@@ -17,12 +24,7 @@ class PreviewConfig(StrictModel):
     doses_e_per_px: list[float] = Field(default_factory=lambda: [10.0, 40.0, 160.0, 600.0])
     """Electron doses (primary electrons per pixel) shown as noisy columns, low to high."""
 
-    @field_validator("doses_e_per_px")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if not v or any(d <= 0 for d in v):
-            raise ValueError("needs at least one dose and every dose must be > 0")
-        return v
+    _positive = field_validator("doses_e_per_px")(check_doses)
 
 
 class DatasetConfig(StrictModel):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from semray.config.base import StrictModel, load_config
-from semray.config.data import DatasetConfig
+from semray.config.data import DatasetConfig, check_doses
 from semray.config.evaluate import EvaluateConfig
 from semray.config.infer import InferConfig
 from semray.config.tune import TuneConfig
@@ -54,12 +54,7 @@ class LotSection(StrictModel):
     bit_depth: Literal[8, 16] = Field(16, description="TIFF sample depth (SEM tools write 8 or 16 bit).")
     seed: int = Field(7, ge=0, description="Seed of the lot's patterns and noise.")
 
-    @field_validator("doses_e_per_px")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if not v or any(d <= 0 for d in v):
-            raise ValueError("needs at least one dose and every dose must be > 0")
-        return v
+    _positive = field_validator("doses_e_per_px")(check_doses)
 
 
 class QuickstartConfig(StrictModel):
