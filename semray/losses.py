@@ -211,8 +211,64 @@ class CompositeLoss(nn.Module):
         return total, _parts(terms, total)
 
 
+def grow_mask(mask: Tensor, px: int) -> Tensor:
+    """Dilate a binary mask by a (2 px + 1)^2 square. ``mask`` (N, 1, H, W) float in {0, 1}; same out."""
+    if px <= 0:
+        return mask
+    return nn.functional.max_pool2d(mask, kernel_size=2 * px + 1, stride=1, padding=px)
+
+
+def defect_charbonnier_loss(pred: Tensor, target: Tensor, region: Tensor, eps: float = 1e-3) -> Tensor:
+    """Charbonnier loss averaged over the pixels where ``region`` (same shape, {0, 1}) is 1.
+
+    Returns 0 (with a gradient path) when the region is empty, so batches without defects add nothing.
+    """
+    _check_inputs(pred, target)
+    if region.shape != pred.shape:
+        raise ValueError(f"defect region must have the prediction's shape {tuple(pred.shape)}, got "
+                         f"{tuple(region.shape)}")  # fmt: skip
+    per_pixel = torch.sqrt((pred - target) ** 2 + eps**2)
+    n = region.sum()
+    return (per_pixel * region).sum() / n.clamp_min(1.0)
+
+
+class DefectWeightedLoss(nn.Module):
+    """``base(pred, target) + weight * Charbonnier over the grown defect pixels``; part ``defect``.
+
+    ``forward(pred, target, defect=None)``: ``defect`` (N, 1, H, W) {0, 1} float masks of the labelled
+    defects (None, e.g. for the validation loss, gives the base loss alone, so ``val_loss`` stays
+    comparable with runs without the term). The defect term is averaged over defect pixels, not over
+    the image, so its size does not depend on how much of the crop the defect covers.
+    """
+
+    def __init__(self, base: nn.Module, weight: float, grow_px: int = 3, eps: float = 1e-3) -> None:
+        super().__init__()
+        if weight < 0 or grow_px < 0:
+            raise ValueError(f"need weight >= 0 and grow_px >= 0; got {weight}, {grow_px}")
+        self.base, self.weight, self.grow_px, self.eps = base, weight, grow_px, eps
+
+    def forward(
+        self, pred: Tensor, target: Tensor, defect: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        total, parts = self.base(pred, target)
+        if defect is None:
+            return total, parts
+        region = grow_mask((defect > 0).to(pred.dtype), self.grow_px)
+        term = defect_charbonnier_loss(pred, target, region, self.eps)
+        total = total + self.weight * term
+        return total, {**parts, "defect": float(term.detach()), "total": float(total.detach())}
+
+
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The loss module a :class:`~semray.config.loss.LossConfig` describes."""
+    """The loss module a :class:`~semray.config.loss.LossConfig` describes (wrapped in
+    :class:`DefectWeightedLoss` when ``defect_weight > 0``)."""
+    base = _build_base_loss(cfg)
+    if cfg.defect_weight > 0:
+        return DefectWeightedLoss(base, cfg.defect_weight, cfg.defect_grow_px, cfg.charbonnier_eps)
+    return base
+
+
+def _build_base_loss(cfg: LossConfig) -> nn.Module:
     if cfg.kind == "composite":
         return CompositeLoss(
             eps=cfg.charbonnier_eps,

@@ -13,12 +13,15 @@ from semray.config.loss import MS_SSIM_WEIGHTS, LossConfig
 from semray.losses import (
     CharbonnierLoss,
     CompositeLoss,
+    DefectWeightedLoss,
     L1Loss,
     MSESSIMLoss,
     MSSSIMLoss,
     SobelEdgeLoss,
     build_loss,
     charbonnier_loss,
+    defect_charbonnier_loss,
+    grow_mask,
     l1_loss,
     ms_ssim_loss,
     mse_ssim_loss,
@@ -266,3 +269,57 @@ def test_build_loss_kinds():
 def test_loss_config_rejects_bad_values_naming_the_field(override, field):
     with pytest.raises(ConfigError, match="ms_ssim_weights has" if field == "ms_ssim_weights" else field):
         load_config(LossConfig, override)
+
+
+def test_grow_mask_dilates_a_pixel_to_a_square() -> None:
+    m = torch.zeros(1, 1, 11, 11)
+    m[0, 0, 5, 5] = 1
+    assert grow_mask(m, 0) is m
+    g = grow_mask(m, 2)
+    assert g.sum() == 25 and g[0, 0, 3:8, 3:8].min() == 1
+
+
+def test_defect_charbonnier_averages_over_the_region_only() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    pred = target.clone()
+    region = torch.zeros_like(target)
+    region[0, 0, :2, :2] = 1  # 4 pixels
+    pred[0, 0, :2, :2] = 0.1  # error 0.1 inside
+    pred[1] = 0.5  # large error outside the region: must not count
+    eps = 1e-3
+    got = defect_charbonnier_loss(pred, target, region, eps)
+    assert got.item() == pytest.approx(math.sqrt(0.01 + eps**2), rel=1e-6)
+    assert defect_charbonnier_loss(pred, target, torch.zeros_like(region), eps).item() == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        defect_charbonnier_loss(pred, target, region[:1], eps)
+
+
+def test_defect_weighted_loss_adds_the_term_and_steers_the_gradient_to_defects() -> None:
+    target = _pattern(32, 32)
+    pred = (target + 0.05).clamp(0, 1).requires_grad_(True)
+    defect = torch.zeros_like(target)
+    defect[..., 10, 10] = 1
+    base = CompositeLoss()
+    loss = DefectWeightedLoss(base, weight=4.0, grow_px=1)
+    b_total, _ = base(pred, target)
+    total, parts = loss(pred, target, defect)
+    region = grow_mask(defect, 1)
+    expect = b_total + 4.0 * defect_charbonnier_loss(pred, target, region)
+    assert total.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert parts["defect"] > 0 and parts["total"] == pytest.approx(total.item(), rel=1e-6)
+    # no mask (validation) or an empty mask: exactly the base loss
+    assert loss(pred, target)[0].item() == pytest.approx(b_total.item(), rel=1e-7)
+    assert loss(pred, target, torch.zeros_like(defect))[0].item() == pytest.approx(b_total.item(), rel=1e-7)
+    # the gradient on the 3 x 3 defect region grows with the weight; elsewhere it is the base's
+    (g_base,) = torch.autograd.grad(base(pred, target)[0], pred)
+    (g_w,) = torch.autograd.grad(total, pred)
+    inside = region.bool()
+    assert (g_w[inside].abs().mean() > 5 * g_base[inside].abs().mean()).item()
+    torch.testing.assert_close(g_w[~inside], g_base[~inside])
+
+
+def test_build_loss_wraps_only_when_defect_weight_is_set() -> None:
+    assert isinstance(build_loss(LossConfig(defect_weight=2.0)), DefectWeightedLoss)
+    assert isinstance(build_loss(LossConfig()), CompositeLoss)
+    with pytest.raises(ValueError, match="defect_weight needs clean targets"):
+        LossConfig(defect_weight=1.0, objective="n2v")

@@ -135,6 +135,25 @@ def test_crop_batch_cuts_noisy_and_clean_at_the_same_window() -> None:
         np.testing.assert_array_equal(plain["clean"][5 + k], batch["clean"][1, y0 : y0 + 16, x0 : x0 + 16])
 
 
+def test_crop_batch_cuts_the_defect_mask_with_the_image() -> None:
+    """The ``defect`` crops follow the same window and flips/rotations as ``clean``: the marked pixels
+    are the known 3 x 3 defect of image 0 (defect_prob 1: every crop of image 0 holds part of it)."""
+    batch = _ramp_batch()
+    out = crop_batch(batch, 16, 6, seed=2, epoch=3, defect_prob=1.0, flips=True, rot90=True)
+    assert out["defect"].shape == (12, 16, 16) and out["defect"].dtype == np.uint8
+    counts = out["defect"][:6].sum(axis=(1, 2))
+    assert (counts >= 1).all() and (counts <= 9).all() and (counts == 9).any()
+    assert out["defect"][6:].sum() == 0  # image 1 has no defect
+    # the marked pixels are where the ramp's values of the defect are, after any augmentation
+    defect_values = batch["clean"][0, 30:33, 2:5].ravel()  # distinct ramp values
+    for k in range(6):
+        marked = out["clean"][k][out["defect"][k] == 1]
+        assert np.isin(marked, defect_values).all()
+        assert not np.isin(out["clean"][k][out["defect"][k] == 0], defect_values).any()
+    unknown = {**batch, "defect_mask": np.asarray([np.zeros((0, 0), bool)] * 2 + [None], dtype=object)[:2]}
+    assert crop_batch(unknown, 16, 2, seed=2, epoch=3)["defect"].sum() == 0  # unknown masks: no defect
+
+
 def test_crops_are_reproducible_and_fresh_per_epoch() -> None:
     batch = _ramp_batch()
     a = crop_batch(batch, 16, 4, seed=1, epoch=0)
@@ -344,13 +363,19 @@ def test_noise_stage_follows_the_epoch_clock_and_the_run_seed(tiny_shards: Path,
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None):
-    """One 2-worker CPU DDP run of 3 epochs whose last worker fails once in epoch 1 (shared by tests)."""
+    """One 2-worker CPU DDP run of 3 epochs whose last worker fails once in epoch 1 (shared by tests),
+    with the defect-weighted loss term on (so its crops, masks and logged part go through DDP)."""
     from semray.train import train
 
     tmp = tmp_path_factory.mktemp("ddp")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     marker = tmp / "failed.marker"
-    cfg = tiny_config(tiny_shards, tmp, debug={"fail_once_at_epoch": 1, "fail_marker": str(marker)})
+    cfg = tiny_config(
+        tiny_shards,
+        tmp,
+        debug={"fail_once_at_epoch": 1, "fail_marker": str(marker)},
+        loss={"defect_weight": 1.0},
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         result = train(cfg)
@@ -387,6 +412,10 @@ def test_two_worker_ddp_run_splits_data_and_learns(ddp_run: dict[str, Any], tiny
     hist = _client(ddp_run["uri"]).get_metric_history(result.mlflow_run_id, "train_loss")
     losses = [m.value for m in sorted(hist, key=lambda m: m.step)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # the defect term is logged every epoch; the tiny set's training images carry defects
+    defect = _client(ddp_run["uri"]).get_metric_history(result.mlflow_run_id, "train_defect")
+    assert len(defect) == 3 and all(math.isfinite(m.value) for m in defect)
+    assert max(m.value for m in defect) > 0
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -16,6 +16,32 @@ class StrictModel(BaseModel):
     """Base for all semray configs: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Interval(StrictModel):
+    """A closed interval ``[low, high]`` (``low <= high``; ``low == high`` pins the value).
+
+    YAML accepts the mapping form ``{low: 2, high: 5}`` or the short list form ``[2, 5]``. Subclasses
+    say how a value is drawn from it.
+    """
+
+    low: float = Field(allow_inf_nan=False, description="lower bound (units of the field using it)")
+    high: float = Field(allow_inf_nan=False, description="upper bound (same units), >= low")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            if len(data) != 2:
+                raise ValueError(f"a range needs exactly two numbers [low, high], got {len(data)}")
+            return {"low": data[0], "high": data[1]}
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Interval:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
 
 
 class ConfigError(ValueError):

@@ -53,6 +53,9 @@ class LossConfig(StrictModel):
     * ``mse_ssim``: ``L = MSE + ssim_lambda * (1 - SSIM)`` (the write-up's stage-1 baseline).
     * ``l1``: plain mean absolute error (the CARE-style baseline).
 
+    ``defect_weight > 0`` adds ``defect_weight * L_char`` averaged over the (grown) defect pixels only,
+    on top of any ``kind``; it is what makes the loss care about the rare pixels fabs care about most.
+
     MS-SSIM defaults (3 scales, 7-px window) work on crops of 25 px and up, so 64 x 64 and 128 x 128
     training crops are fine; the loss raises a clear error on crops too small for the chosen setting.
 
@@ -108,6 +111,19 @@ class LossConfig(StrictModel):
         7, ge=3, le=21, description="Gaussian window of MS-SSIM (px, odd); coarsest scale must be >= it."
     )
     ms_ssim_win_sigma: float = Field(1.5, gt=0, le=5, description="Gaussian window sigma (px).")
+    defect_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description=(
+            "Weight of an extra Charbonnier term averaged over the labelled defect pixels of the batch "
+            "(masks grown by defect_grow_px): the defects are a few % of the pixels, so in the image-wide "
+            "mean they hardly count. 0 = off. Supervised objective only; batches without defects add 0."
+        ),
+    )
+    defect_grow_px: int = Field(
+        3, ge=0, le=32, description="Defect masks are dilated by this many px (a square) for defect_weight."
+    )
 
     @field_validator("ssim_win_size", "ms_ssim_win_size")
     @classmethod
@@ -129,6 +145,15 @@ class LossConfig(StrictModel):
             raise ValueError(
                 f"ms_ssim_weights has {len(self.ms_ssim_weights)} entries but ms_ssim_scales is "
                 f"{self.ms_ssim_scales}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _defect_weight_needs_clean(self) -> LossConfig:
+        if self.defect_weight > 0 and self.objective != "supervised":
+            raise ValueError(
+                f"loss.defect_weight needs clean targets (objective: supervised), but objective is "
+                f"{self.objective!r}"
             )
         return self
 

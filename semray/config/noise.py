@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from semray.config.base import StrictModel
+from semray.config.base import Interval, StrictModel
 
 COMPONENTS: tuple[str, ...] = (
     "line_jitter",
@@ -48,7 +48,7 @@ COMPONENTS: tuple[str, ...] = (
 COLUMN_PREFIX = "noise_"
 
 
-class NoiseRange(StrictModel):
+class NoiseRange(Interval):
     """A closed interval ``[low, high]`` that one per-image value is drawn from.
 
     Uniform by default; ``log: true`` draws log-uniformly (for scale-like quantities such as dose,
@@ -57,23 +57,10 @@ class NoiseRange(StrictModel):
     (dose) default to ``log: true`` in either form.
     """
 
-    low: float = Field(allow_inf_nan=False, description="lower bound (units of the field using it)")
-    high: float = Field(allow_inf_nan=False, description="upper bound (same units), >= low")
     log: bool = Field(False, description="draw log-uniformly instead of uniformly (needs low > 0)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_pair(cls, data: Any) -> Any:
-        if isinstance(data, (list, tuple)):
-            if len(data) != 2:
-                raise ValueError(f"a range needs exactly two numbers [low, high], got {len(data)}")
-            return {"low": data[0], "high": data[1]}
-        return data
-
     @model_validator(mode="after")
-    def _ordered(self) -> NoiseRange:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+    def _log_positive(self) -> NoiseRange:
         if self.log and self.low <= 0:
             raise ValueError(f"a log-uniform range needs low > 0, got {self.low}")
         return self

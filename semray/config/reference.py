@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
-from semray.config.base import StrictModel
+from semray.config.base import Interval, StrictModel
 
 #: Top-level run configs, in document order: (section title, dotted class path). Entries whose module
 #: does not exist (yet) are skipped, so the registry can name configs still being written.
@@ -138,7 +138,7 @@ def config_models() -> list[type[BaseModel]]:
             if (
                 inspect.isclass(obj)
                 and issubclass(obj, StrictModel)
-                and obj is not StrictModel
+                and obj not in (StrictModel, Interval)  # Interval: documented via its subclasses
                 and obj.__module__ == module.__name__
                 and not name.startswith("_")
             ):

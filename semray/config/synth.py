@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from semray.config.base import StrictModel
+from semray.config.base import Interval, StrictModel
 
 PatternName = Literal["lines", "contacts", "contacts_staggered", "tin_balls"]
 """Pattern families :func:`semray.synth.render_wafer` can draw."""
@@ -28,29 +28,11 @@ DEFECT_TYPES: tuple[str, ...] = get_args(DefectType)
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
-class Range(StrictModel):
+class Range(Interval):
     """A closed interval ``[low, high]`` a value is drawn from uniformly, once per image.
 
     YAML accepts the mapping form ``{low: 2, high: 5}`` or the short list form ``[2, 5]``.
     """
-
-    low: float = Field(allow_inf_nan=False, description="lower bound (units of the field using it)")
-    high: float = Field(allow_inf_nan=False, description="upper bound, >= low")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_pair(cls, data: Any) -> Any:
-        if isinstance(data, (list, tuple)):
-            if len(data) != 2:
-                raise ValueError(f"a range needs exactly two numbers [low, high], got {len(data)}")
-            return {"low": data[0], "high": data[1]}
-        return data
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
 
     def sample(self, rng: np.random.Generator) -> float:
         """One uniform draw from ``[low, high]`` (always consumes one draw, even when low == high)."""

@@ -33,7 +33,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from semray.config.train import TrainConfig
-from semray.losses import build_loss
+from semray.losses import DefectWeightedLoss, build_loss
 from semray.models.unet import build_model
 from semray.selfsup import SelfSupervisedObjective
 from semray.train.checkpoint import (
@@ -74,6 +74,8 @@ class _Collate(NumpyBatchCollateFn):
             "image_id": [str(i) for i in batch["image_id"]],
             "noise_epoch": np.asarray(batch["noise_epoch"]),
         }
+        if "defect" in batch:
+            out["defect"] = torch.from_numpy(np.ascontiguousarray(batch["defect"], dtype=np.float32))[:, None]
         if "noisy2" in batch:
             out["noisy2"] = torch.from_numpy(np.ascontiguousarray(batch["noisy2"], dtype=np.float32))[:, None]
         return out
@@ -223,7 +225,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 pred = model(inp)
-            if objective is None:
+            if objective is None and isinstance(loss_fn, DefectWeightedLoss):
+                defect = batch["defect"].to(device, non_blocking=True)
+                total, parts = loss_fn(pred.float(), target, defect)
+            elif objective is None:
                 total, parts = loss_fn(pred.float(), target)
             else:
                 total, parts = objective.loss(pred.float(), target, loss_mask)

@@ -140,23 +140,30 @@ def crop_batch(
         defect_prob: see :func:`sample_crop_origins`. flips, rot90: augmentations.
 
     Returns:
-        ``image_id`` (N,) str, ``noisy`` and ``clean`` (N, crop, crop) float32 in [0, 1],
-        ``noise_epoch`` (N,) int64 and ``noise_dose_e_per_px`` (N,) float64, N = B * crops_per_image.
+        ``image_id`` (N,) str, ``noisy`` and ``clean`` (N, crop, crop) float32 in [0, 1], ``defect``
+        (N, crop, crop) uint8 {0, 1} (the defect mask's crop; zeros when unknown), ``noise_epoch`` (N,) int64 and ``noise_dose_e_per_px`` (N,) float64, N = B * crops_per_image.
     """
     ids = [str(i) for i in batch["image_id"]]
     masks = batch.get("defect_mask")
-    noisy_out, clean_out, id_out = [], [], []
+    noisy_out, clean_out, defect_out, id_out = [], [], [], []
     for row, iid in enumerate(ids):
         noisy = np.asarray(batch["noisy"][row], dtype=np.float32)
         clean = np.asarray(batch["clean"][row], dtype=np.float32)
         rng = crop_rng(seed, iid, epoch)
         mask = None if masks is None else masks[row]
+        # an unknown mask (empty, flagged in the shards) counts as no defect
+        full = None if mask is None else np.asarray(mask, dtype=np.uint8)
+        if full is not None and full.shape != noisy.shape:
+            full = None
         origins = sample_crop_origins(noisy.shape, crop_px, crops_per_image, rng, mask, defect_prob)
         codes = sample_augment(crops_per_image, rng, flips, rot90)
         for (y0, x0), code in zip(origins, codes, strict=True):
             window = (slice(y0, y0 + crop_px), slice(x0, x0 + crop_px))
             noisy_out.append(augment(noisy[window], code))
             clean_out.append(augment(clean[window], code))
+            defect_out.append(
+                np.zeros((crop_px, crop_px), np.uint8) if full is None else augment(full[window], code)
+            )
             id_out.append(iid)
     n_rows = len(ids)
     repeat = np.repeat(np.arange(n_rows), crops_per_image)
@@ -167,6 +174,7 @@ def crop_batch(
         "image_id": np.asarray(id_out, dtype=object),
         "noisy": np.ascontiguousarray(np.stack(noisy_out)) if noisy_out else np.zeros(shape, np.float32),
         "clean": np.ascontiguousarray(np.stack(clean_out)) if clean_out else np.zeros(shape, np.float32),
+        "defect": np.ascontiguousarray(np.stack(defect_out)) if defect_out else np.zeros(shape, np.uint8),
         "noise_epoch": epochs[repeat],
         "noise_dose_e_per_px": dose[repeat],
     }
@@ -355,13 +363,22 @@ def train_stage(
     defect_prob: float,
     flips: bool,
     rot90: bool,
+    objective: str = "supervised",
 ) -> dict[str, np.ndarray]:
-    """Ray Data map function: the epoch from the clock, fresh noise on whole images, then crops."""
+    """Ray Data map function: the epoch from the clock, fresh noise on whole images, then crops.
+
+    ``objective`` other than ``supervised`` takes the frames from :func:`selfsup_noise_batch` and cuts
+    them with :func:`selfsup_crop_batch` (a second frame for ``n2n``)."""
     import ray
 
     epoch = int(ray.get(clock.get.remote()))
-    noisy = add_noise_batch(batch, noise, seed, epoch)
-    return crop_batch(noisy, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90)
+    if objective == "supervised":
+        noisy = add_noise_batch(batch, noise, seed, epoch)
+        return crop_batch(noisy, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90)
+    noisy = selfsup_noise_batch(batch, noise, seed, epoch, objective)
+    return selfsup_crop_batch(
+        noisy, objective, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90
+    )
 
 
 def build_train_dataset(
@@ -389,8 +406,8 @@ def build_train_dataset(
     serially and hand over its crops only at the end, while the workers wait. A few MiB per block
     (about 16 images) keeps the noise stage parallel and streaming.
 
-    ``objective`` (``loss.objective``): anything but ``supervised`` runs :func:`selfsup_train_stage`
-    instead (acquired ``noisy``/``noisy2`` shard columns, or a synthetic second frame for ``n2n``).
+    ``objective`` (``loss.objective``): anything but ``supervised`` uses the self-supervised frames
+    (acquired ``noisy``/``noisy2`` shard columns, or a synthetic second frame for ``n2n``).
     """
     import ray
     from ray.data.expressions import col
@@ -401,9 +418,9 @@ def build_train_dataset(
     if block_bytes:
         ds.context.target_max_block_size = int(block_bytes)
     return ds.filter(expr=col("split") == "train").map_batches(
-        selfsup_train_stage if selfsup else train_stage,
+        train_stage,
         fn_kwargs={
-            **({"objective": objective} if selfsup else {}),
+            "objective": objective,
             "noise": noise.model_dump(mode="json"),
             "seed": seed,
             "clock": clock,
@@ -482,26 +499,9 @@ def selfsup_crop_batch(
     return out
 
 
-def selfsup_train_stage(
-    batch: dict[str, np.ndarray],
-    noise: Mapping[str, Any],
-    seed: int,
-    clock: Any,
-    objective: str,
-    crop_px: int,
-    crops_per_image: int,
-    defect_prob: float,
-    flips: bool,
-    rot90: bool,
-) -> dict[str, np.ndarray]:
-    """Ray Data map function of self-supervised runs (:func:`train_stage` with the frames above)."""
-    import ray
-
-    epoch = int(ray.get(clock.get.remote()))
-    noisy = selfsup_noise_batch(batch, noise, seed, epoch, objective)
-    return selfsup_crop_batch(
-        noisy, objective, crop_px, crops_per_image, seed, epoch, defect_prob, flips, rot90
-    )
+def selfsup_train_stage(batch: dict[str, np.ndarray], objective: str, **kwargs: Any) -> dict[str, np.ndarray]:
+    """TEMPORARY alias of :func:`train_stage` for runs started before the merge (remove)."""
+    return train_stage(batch, objective=objective, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,6 +654,7 @@ def mix_crop_batch(
                 "image_id": np.asarray([], dtype=object),
                 "noisy": np.zeros((0, crop_px, crop_px), np.float32),
                 "clean": np.zeros((0, crop_px, crop_px), np.float32),
+                "defect": np.zeros((0, crop_px, crop_px), np.uint8),
                 "noise_epoch": np.zeros(0, np.int64),
                 "noise_dose_e_per_px": np.zeros(0, np.float64),
             }
