@@ -19,6 +19,7 @@ work starts and logged to MLflow as flattened params. YAML example (every key op
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -259,7 +260,11 @@ class ValidationConfig(StrictModel):
 
     metric: str = Field(
         "val_psnr",
-        description=f"Score of a checkpoint / early stopping: one of {sorted(VALIDATION_METRICS)}.",
+        description=(
+            f"Score of a checkpoint / early stopping: one of {sorted(VALIDATION_METRICS)}, or with "
+            "`data.sources` one of them on a single source, `<metric>/<source name>` (e.g. "
+            "`val_psnr/real_pairs`: choose the model by how it does on the user's real pairs)."
+        ),
     )
     mode: Literal["max", "min"] | None = Field(
         None, description="Whether a larger or smaller metric is better; None = the metric's natural mode."
@@ -276,14 +281,33 @@ class ValidationConfig(StrictModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        if v not in VALIDATION_METRICS:
-            raise ValueError(f"unknown validation metric {v!r}; known: {sorted(VALIDATION_METRICS)}")
+        base, sep, source = v.partition("/")
+        if base not in VALIDATION_METRICS:
+            raise ValueError(
+                f"unknown validation metric {v!r}; known: {sorted(VALIDATION_METRICS)}, or "
+                "'<metric>/<source name>' for one source of data.sources"
+            )
+        if sep and not re.fullmatch(SOURCE_NAME_PATTERN, source):
+            raise ValueError(
+                f"validation metric {v!r}: {source!r} is not a source name (pattern {SOURCE_NAME_PATTERN}); "
+                "write '<metric>/<source name>', e.g. 'val_psnr/real_pairs'"
+            )
         return v
 
     @property
+    def base_metric(self) -> str:
+        """The metric without its source: ``val_psnr`` for ``val_psnr/real_pairs``."""
+        return self.metric.partition("/")[0]
+
+    @property
+    def source(self) -> str | None:
+        """The ``data.sources`` name a per-source metric is measured on (None: the whole validation set)."""
+        return self.metric.partition("/")[2] or None
+
+    @property
     def resolved_mode(self) -> Literal["max", "min"]:
-        """``mode``, or the metric's natural direction."""
-        return self.mode or VALIDATION_METRICS[self.metric]
+        """``mode``, or the (base) metric's natural direction."""
+        return self.mode or VALIDATION_METRICS[self.base_metric]
 
 
 class ScalingSection(StrictModel):
@@ -383,6 +407,24 @@ class TrainConfig(StrictModel):
         ),
     )
     debug: DebugSection = Field(default_factory=DebugSection, description="Fault-injection hooks.")
+
+    @model_validator(mode="after")
+    def _metric_source_exists(self) -> TrainConfig:
+        source = self.validation.source
+        if source is None:
+            return self
+        known = [s.name for s in self.data.sources or []]
+        if not known:
+            raise ValueError(
+                f"validation.metric={self.validation.metric!r} scores one source of a mix, but there is no "
+                f"data.sources; use {self.validation.base_metric!r} or name the sources in data.sources"
+            )
+        if source not in known:
+            raise ValueError(
+                f"validation.metric={self.validation.metric!r} names source {source!r}, which is not in "
+                f"data.sources; known sources: {known}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _crops_fit_the_loss(self) -> TrainConfig:

@@ -119,6 +119,17 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def _sync_buffers(net: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before validation: each rank's
+    last training forward updated them with its own batch, so without this ranks > 0 would validate a
+    slightly different model than the one rank 0 checkpoints."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in net.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def _maybe_fail(cfg: TrainConfig, epoch: int, step_in_epoch: int, rank: int, world: int) -> None:
     """The fault-injection hook: the last rank raises once, one step into the configured epoch."""
     dbg = cfg.debug
@@ -267,6 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
 
         t_val = time.perf_counter()
+        _sync_buffers(net)
         den = denoise_images(net, [it.noisy for it in val_mine], device, amp_dtype)
         keys = val_keys(val_all)  # + per-source keys of a mix, the same on every rank
         val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, loss_fn), keys)), keys)

@@ -338,12 +338,34 @@ def _prepare_mix(cfg: TrainConfig, workers: int) -> DataPlan:
     if not parts:
         raise ConfigError(f"data.sources: no rows with split 'val' in any source ({[p.name for p in plans]})")
     val_batch = _concat_val_parts(parts)
+    _check_metric_source(cfg, val_batch)
     files: list[str] = []
     for plan in plans:
         files.extend(f for f in plan.files if f not in files)
     shape = max((p.image_shape for p in plans), key=lambda hw: hw[0] * hw[1])
     val_ids = [i for p in plans for i in p.val_ids]
     return DataPlan(files, n_train, val_ids, shape, steps, val_batch, plans)
+
+
+def _check_metric_source(cfg: TrainConfig, val_batch: dict[str, np.ndarray]) -> None:
+    """A per-source ``validation.metric`` (``val_psnr/<source>``) needs that source's validation crops,
+    and for a defect metric some with labelled defects; otherwise every epoch would score NaN."""
+    source = cfg.validation.source
+    if source is None:
+        return
+    mine = np.asarray([str(s) == source for s in val_batch["source"]], dtype=bool)
+    if not mine.any():
+        raise ConfigError(
+            f"validation.metric={cfg.validation.metric!r}: source {source!r} has no rows with split 'val', "
+            "so it cannot score checkpoints; give it validation images or choose another metric"
+        )
+    known = np.asarray(val_batch["defect_mask_known"], dtype=bool)[mine]
+    if cfg.validation.base_metric.startswith("val_defect_") and not known.any():
+        raise ConfigError(
+            f"validation.metric={cfg.validation.metric!r}: source {source!r} has no labelled defect masks "
+            "(defect metrics are not measured on it); choose a non-defect metric such as "
+            f"'val_psnr/{source}'"
+        )
 
 
 def _concat_val_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
