@@ -499,11 +499,6 @@ def selfsup_crop_batch(
     return out
 
 
-def selfsup_train_stage(batch: dict[str, np.ndarray], objective: str, **kwargs: Any) -> dict[str, np.ndarray]:
-    """TEMPORARY alias of :func:`train_stage` for runs started before the merge (remove)."""
-    return train_stage(batch, objective=objective, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------------
 # Mixing shard sources (data.sources): exact per-epoch shares, real pairs used as they are
 # --------------------------------------------------------------------------------------------------
