@@ -202,9 +202,9 @@ def test_keep_bottom_rows_leaves_the_data_bar_untouched_and_out_of_the_network()
 
 def test_channels_last_and_train_mode_restored() -> None:
     net = visible_unet(UNetConfig(base_width=4, depth=2)).train()
-    a = tiled_denoise(net, NOISY[:96, :96], tile=64, overlap=16)
+    a = tiled_denoise(net, NOISY[:96, :96], tile=64, overlap=16, channels_last=False)
     assert net.training  # eval only for the call
-    b = tiled_denoise(net, NOISY[:96, :96], tile=64, overlap=16, channels_last=True)
+    b = tiled_denoise(net, NOISY[:96, :96], tile=64, overlap=16)  # channels_last by default
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

