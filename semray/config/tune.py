@@ -36,6 +36,7 @@ SEARCHABLE_FIELDS: tuple[str, ...] = (
     "loss.charbonnier_eps",
     "loss.ssim_lambda",
     "loss.ms_ssim_scales",
+    "loss.defect_weight",
     "model.depth",
     "model.base_width",
     "model.residual",
