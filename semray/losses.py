@@ -52,7 +52,12 @@ def charbonnier_loss(pred: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
     ``sqrt(d**2 + 1) - 1`` (eps fixed at 1, so L2-like everywhere on [0, 1] images).
     """
     _check_inputs(pred, target)
-    return torch.sqrt((pred - target).pow(2) + eps**2).mean()
+    return _charbonnier_map(pred, target, eps).mean()
+
+
+def _charbonnier_map(pred: Tensor, target: Tensor, eps: float) -> Tensor:
+    """Per-pixel ``sqrt((pred - target)**2 + eps**2)``, same shape as the inputs."""
+    return torch.sqrt((pred - target).pow(2) + eps**2)
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -227,9 +232,7 @@ def defect_charbonnier_loss(pred: Tensor, target: Tensor, region: Tensor, eps: f
     if region.shape != pred.shape:
         raise ValueError(f"defect region must have the prediction's shape {tuple(pred.shape)}, got "
                          f"{tuple(region.shape)}")  # fmt: skip
-    per_pixel = torch.sqrt((pred - target) ** 2 + eps**2)
-    n = region.sum()
-    return (per_pixel * region).sum() / n.clamp_min(1.0)
+    return (_charbonnier_map(pred, target, eps) * region).sum() / region.sum().clamp_min(1.0)
 
 
 class DefectWeightedLoss(nn.Module):

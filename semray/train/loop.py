@@ -65,7 +65,7 @@ class InjectedFailure(RuntimeError):
 
 class _Collate(NumpyBatchCollateFn):
     """numpy batch -> ``noisy``/``clean`` (and ``noisy2`` when present: Noise2Noise) (N, 1, h, w) float32
-    tensors, plus ids and epochs as numpy."""
+    tensors, ``defect`` (N, 1, h, w) uint8 masks, plus ids and epochs as numpy."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out = {
@@ -75,7 +75,7 @@ class _Collate(NumpyBatchCollateFn):
             "noise_epoch": np.asarray(batch["noise_epoch"]),
         }
         if "defect" in batch:
-            out["defect"] = torch.from_numpy(np.ascontiguousarray(batch["defect"], dtype=np.float32))[:, None]
+            out["defect"] = torch.from_numpy(np.ascontiguousarray(batch["defect"], dtype=np.uint8))[:, None]
         if "noisy2" in batch:
             out["noisy2"] = torch.from_numpy(np.ascontiguousarray(batch["noisy2"], dtype=np.float32))[:, None]
         return out

@@ -141,7 +141,8 @@ def crop_batch(
 
     Returns:
         ``image_id`` (N,) str, ``noisy`` and ``clean`` (N, crop, crop) float32 in [0, 1], ``defect``
-        (N, crop, crop) uint8 {0, 1} (the defect mask's crop; zeros when unknown), ``noise_epoch`` (N,) int64 and ``noise_dose_e_per_px`` (N,) float64, N = B * crops_per_image.
+        (N, crop, crop) uint8 {0, 1} (the defect mask's crop; zeros when unknown), ``noise_epoch`` (N,)
+        int64 and ``noise_dose_e_per_px`` (N,) float64, N = B * crops_per_image.
     """
     ids = [str(i) for i in batch["image_id"]]
     masks = batch.get("defect_mask")
