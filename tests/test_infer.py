@@ -22,6 +22,8 @@ from semray.infer import (
     axis_plan,
     axis_windows,
     blend_ramp,
+    default_batch_size,
+    fold_batchnorm,
     reflect_index,
     tiled_denoise,
     weights_fingerprint,
@@ -32,7 +34,7 @@ from semray.models.unet import build_model
 torch.set_num_threads(1)
 
 
-def visible_unet(cfg: UNetConfig, seed: int = 0) -> nn.Module:
+def visible_unet(cfg: UNetConfig, seed: int = 0, bn_stats: bool = False) -> nn.Module:
     """A random U-Net whose eval output is spread over [0, 1] (std ~0.15 around 0.5), not clamped flat.
 
     A freshly initialised network maps everything to a near-constant (often clamped to 0), which would
@@ -40,6 +42,15 @@ def visible_unet(cfg: UNetConfig, seed: int = 0) -> nn.Module:
     """
     torch.manual_seed(seed)
     net = build_model(cfg).eval()
+    if bn_stats:  # BatchNorms with non-trivial running statistics and affine parameters
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                    m.weight.copy_(0.8 + 0.4 * torch.rand(m.num_features, generator=g))
+                    m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
     seen: dict[str, torch.Tensor] = {}
     hook = net.head.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
     with torch.no_grad():
@@ -111,6 +122,27 @@ def test_axis_plan_covers_axis_and_windows_sum_to_one(
     for s, w in zip(starts, axis_windows(tile_len, starts), strict=True):
         acc[s : s + tile_len] += w
     np.testing.assert_allclose(acc[:length], 1.0, atol=1e-6)
+    # balanced: no more tiles than tile-sized ones would need, none larger than the (aligned) request
+    # unless the overlap forces it, and at most `align` px of padding per tile past the border (unless
+    # the tiles already are as small as twice the overlap allows)
+    ov = -(-overlap // align) * align
+    tile_max = max(tile // align * align, ov + align, 2 * ov)
+    assert tile_len <= max(tile_max, -(-length // align) * align)
+    if len(starts) > 1:
+        assert len(starts) == -(-(length - tile_max) // (tile_max - ov)) + 1
+        if tile_len > max(ov + align, 2 * ov):  # tiles not held up by the 2 x overlap floor
+            assert starts[-1] + tile_len - length < len(starts) * align
+
+
+def test_axis_plan_balances_tiles_instead_of_padding_the_last_one() -> None:
+    # 512 px, tile 256 / overlap 32: three tiles are needed; 3 x 192 px covers 512 exactly, where
+    # 3 x 256 px would reach 192 px past the border
+    tile_len, starts = axis_plan(512, 256, 32, 8)
+    assert tile_len == 192 and starts.tolist() == [0, 160, 320]
+    tile_len, starts = axis_plan(1024, 256, 32, 8)
+    assert tile_len == 232 and starts.tolist() == [0, 200, 400, 600, 800]
+    tile_len, starts = axis_plan(256, 256, 32, 8)
+    assert tile_len == 256 and starts.tolist() == [0]
 
 
 def test_reflect_index_mirrors_without_repeating_the_edge() -> None:
@@ -208,6 +240,25 @@ def test_channels_last_and_train_mode_restored() -> None:
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_fold_batchnorm_keeps_the_output_and_leaves_the_model_alone() -> None:
+    net = visible_unet(UNetConfig(base_width=4, depth=2), bn_stats=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert n_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training
+    x = torch.from_numpy(NOISY[:96, :96].copy())[None, None]
+    with torch.no_grad():
+        ref, out = net.eval()(x), folded(x)
+    assert float((ref - out).abs().max()) < 1e-5
+    assert float((ref - out).abs().max()) < float(ref.std()) * 1e-3  # not trivially equal by clamping
+    for k, v in net.state_dict().items():  # the original still has its BatchNorms and weights
+        assert torch.equal(v, before[k]), k
+    again = fold_batchnorm(folded)  # idempotent: nothing left to fold
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
+
+
 # ---- Denoiser ----
 
 
@@ -235,6 +286,19 @@ def test_denoiser_from_saved_model_and_from_module(tmp_path: Path) -> None:
     assert m.name == "custom" and m.version == weights_fingerprint(net)
     assert m.version != weights_fingerprint(visible_unet(cfg, seed=1))
     assert d.settings != Denoiser(model=net, tile=128, overlap=16, device="cpu").settings
+    assert d.batch_size == default_batch_size(torch.device("cpu")) == 1
+    assert Denoiser(model=net, batch_size=3, device="cpu").batch_size == 3
+    assert default_batch_size(torch.device("cuda")) == 4
+
+
+def test_denoiser_folds_batchnorm_without_changing_the_output() -> None:
+    net = visible_unet(UNetConfig(base_width=4, depth=2), seed=2, bn_stats=True)
+    d = Denoiser(model=net, tile=64, overlap=16, device="cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in d.net.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert d.version == weights_fingerprint(net)  # versioned by the weights the user gave
+    ref = tiled_denoise(net, NOISY, tile=64, overlap=16)
+    np.testing.assert_allclose(d(NOISY), ref, atol=1e-5)
 
 
 def test_denoiser_classical_and_threads() -> None:

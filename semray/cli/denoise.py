@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-bottom-rows", type=int, help="leave this many bottom rows (data bar) untouched")
     p.add_argument("--tile", type=int, help="tile side in pixels (default 256)")
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default 32)")
-    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 1 on CPU, 4 on GPU)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per actor/process")
     p.add_argument("--min-side", type=int, help="fail images with a side shorter than this (pixels)")

@@ -51,7 +51,12 @@ class InferConfig(StrictModel):
         le=4095,
         description="Overlap of neighbouring tiles (pixels), < tile/2; blended with a raised-cosine window.",
     )
-    batch_size: int = Field(4, ge=1, le=1024, description="Tiles per forward pass (tiles).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Tiles per forward pass (tiles); default 1 on CPU (10-20 % faster here), 4 on GPUs.",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
