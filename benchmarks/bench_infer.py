@@ -272,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     # separately (the memory part takes long on a small CPU) and land in the same record.
     record: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record["model"] = model_desc
-    record["settings"] = {"tile": 256, "overlap": 32, "batch_size": 4}
+    from semray.config.infer import InferConfig
+    from semray.infer import default_batch_size, resolve_device
+
+    icfg = InferConfig()  # what the benchmarked jobs run with
+    record["settings"] = {
+        "tile": icfg.tile,
+        "overlap": icfg.overlap,
+        "batch_size": icfg.batch_size or default_batch_size(resolve_device(icfg.device)),
+        "channels_last": icfg.channels_last,
+        "batchnorm_folded": True,
+        "tile_plan": "balanced",
+    }
 
     def stamp() -> dict[str, Any]:
         return {
