@@ -90,6 +90,10 @@ def blend_ramp(overlap: int) -> np.ndarray:
     return np.sin(0.5 * np.pi * np.clip(u, 0.0, 1.0)) ** 2
 
 
+TILE_PLAN = "balanced-1"
+"""Version of the tile layout of :func:`axis_plan`, recorded in :attr:`Denoiser.settings`."""
+
+
 def axis_plan(length: int, tile: int, overlap: int, align: int = 1) -> tuple[int, np.ndarray]:
     """Tile size and start offsets along one axis.
 
@@ -392,7 +396,9 @@ class Denoiser:
             "keep_bottom_rows": self.keep_bottom_rows,
         }
         if self.method == "unet":
-            s.update(tile=self.tile, overlap=self.overlap, amp=self.amp)
+            # tile_plan: how tiles are laid out (see axis_plan); a new plan changes the output slightly, so
+            # outputs written under another plan are redone on resume rather than mixed with new ones
+            s.update(tile=self.tile, overlap=self.overlap, amp=self.amp, tile_plan=TILE_PLAN)
         else:
             s["classical_params"] = dict(sorted(self.classical_params.items()))
         return s

@@ -286,6 +286,7 @@ def test_denoiser_from_saved_model_and_from_module(tmp_path: Path) -> None:
     assert m.name == "custom" and m.version == weights_fingerprint(net)
     assert m.version != weights_fingerprint(visible_unet(cfg, seed=1))
     assert d.settings != Denoiser(model=net, tile=128, overlap=16, device="cpu").settings
+    assert d.settings["tile_plan"] == "balanced-1"  # outputs of an older tile layout are not reused
     assert d.batch_size == default_batch_size(torch.device("cpu")) == 1
     assert Denoiser(model=net, batch_size=3, device="cpu").batch_size == 3
     assert default_batch_size(torch.device("cuda")) == 4
