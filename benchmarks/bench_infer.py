@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record["model"] = model_desc
     from semray.config.infer import InferConfig
-    from semray.infer import default_batch_size, resolve_device
+    from semray.infer import TILE_PLAN, default_batch_size, resolve_device
 
     icfg = InferConfig()  # what the benchmarked jobs run with
     record["settings"] = {
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": icfg.batch_size or default_batch_size(resolve_device(icfg.device)),
         "channels_last": icfg.channels_last,
         "batchnorm_folded": True,
-        "tile_plan": "balanced",
+        "tile_plan": TILE_PLAN,
     }
 
     def stamp() -> dict[str, Any]:

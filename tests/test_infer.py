@@ -250,8 +250,8 @@ def test_fold_batchnorm_keeps_the_output_and_leaves_the_model_alone() -> None:
     x = torch.from_numpy(NOISY[:96, :96].copy())[None, None]
     with torch.no_grad():
         ref, out = net.eval()(x), folded(x)
+    assert float(ref.std()) > 0.05  # a visible output, not one clamped flat (where any fold would agree)
     assert float((ref - out).abs().max()) < 1e-5
-    assert float((ref - out).abs().max()) < float(ref.std()) * 1e-3  # not trivially equal by clamping
     for k, v in net.state_dict().items():  # the original still has its BatchNorms and weights
         assert torch.equal(v, before[k]), k
     again = fold_batchnorm(folded)  # idempotent: nothing left to fold
