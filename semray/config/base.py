@@ -96,6 +96,78 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+#: A mapping key (at any depth of a YAML config file) naming other YAML files that fill in that mapping.
+INCLUDE_KEY = "include"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, resolving ``include:`` keys.
+
+    Any mapping in the file, at any depth (list items included), may hold ``include: other.yaml`` (or a
+    list of files). The included files' mappings are deep-merged in order (later files win), then the
+    mapping's own keys on top, so a config can share a block with another and override a few fields::
+
+        evaluation:
+          include: evaluate.yaml        # the project's evaluation settings...
+          methods: {models: []}         # ...except these
+
+    Include paths are relative to the folder of the file that names them (or absolute); included files
+    may include others. Lists are replaced, not concatenated (:func:`deep_merge`).
+
+    Raises:
+        ConfigError: a file is missing, is not YAML, does not hold a mapping, or includes itself
+            (directly or through others); the message names the file and the key path.
+    """
+    return _read_yaml(Path(path), ())
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        via = f" (included from {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{via}")
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, key))
+        raise ConfigError(f"config file {path} includes itself: {cycle}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}")
+    return _resolve_includes(dict(loaded), path, (*chain, key), "")
+
+
+def _resolve_includes(
+    node: dict[str, Any], path: Path, chain: tuple[Path, ...], where: str
+) -> dict[str, Any]:
+    """``node`` with every nested ``include:`` replaced by the files it names (see :func:`read_yaml`)."""
+    out: dict[str, Any] = {}
+    if INCLUDE_KEY in node:
+        spec = node[INCLUDE_KEY]
+        names = [spec] if isinstance(spec, str) else spec
+        here = f"{where}{INCLUDE_KEY}" if where else INCLUDE_KEY
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"config file {path}: {here} must be a file name or a list of file names, got {spec!r}"
+            )
+        for name in names:
+            inc = Path(name) if Path(name).is_absolute() else path.parent / name
+            out = deep_merge(out, _read_yaml(inc, chain))
+    own = {k: _resolve_value(v, path, chain, f"{where}{k}") for k, v in node.items() if k != INCLUDE_KEY}
+    return deep_merge(out, own)
+
+
+def _resolve_value(value: Any, path: Path, chain: tuple[Path, ...], where: str) -> Any:
+    if isinstance(value, Mapping):
+        return _resolve_includes(dict(value), path, chain, f"{where}.")
+    if isinstance(value, list):
+        return [_resolve_value(v, path, chain, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
 def load_config(
     cls: type[T],
     source: str | Path | Mapping[str, Any] | None = None,
@@ -105,7 +177,8 @@ def load_config(
 
     Args:
         cls: the pydantic model to build.
-        source: a YAML file path, an already-parsed mapping, or ``None`` for the model's defaults.
+        source: a YAML file path (its ``include:`` keys resolved, see :func:`read_yaml`), an
+            already-parsed mapping, or ``None`` for the model's defaults.
         overrides: ``key.path=value`` strings applied on top (values parsed as YAML).
 
     Raises:
@@ -115,21 +188,8 @@ def load_config(
     name = "<defaults>"
     data: dict[str, Any] = {}
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(
-                f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}"
-            )
-        data = dict(loaded)
+        name = str(source)
+        data = read_yaml(source)
     elif isinstance(source, Mapping):
         name = "<mapping>"
         data = dict(source)

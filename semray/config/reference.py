@@ -69,6 +69,11 @@ Every run is driven by one YAML file validated by a pydantic model before any wo
 field; every key is optional (the defaults below apply). Nested keys are written as dotted paths here
 (`data.crop_px` is `crop_px` under `data:` in YAML) and can be overridden on the command line as
 `key.path=value`. `x[]` is an item of the list `x`; `x.<key>` is a value of the mapping `x`.
+
+Any mapping in a config file may hold `include: other.yaml` (or a list of files, relative to the file
+that names them): their contents are merged in first and the mapping's own keys win, e.g.
+`configs/ablation.yaml` takes its `evaluation:` settings from `configs/evaluate.yaml` that way
+(`semray.config.base.read_yaml`).
 """
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from semray.config.base import StrictModel
+from semray.config.base import StrictModel, read_yaml
 from semray.config.train import VALIDATION_METRICS, TrainConfig
 
 #: Fields of the training config a search may vary (loss weights and architecture variants, plus the
@@ -238,12 +238,10 @@ class TuneConfig(StrictModel):
         if isinstance(v, str):
             from pathlib import Path
 
-            import yaml
-
             path = Path(v)
             if not path.is_file():
                 raise ValueError(f"base config file {v} does not exist")
-            return yaml.safe_load(path.read_text()) or {}
+            return read_yaml(path)
         return v
 
     @field_validator("space", mode="before")

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from semray.config.base import ConfigError, load_config, set_dotted
+from semray.config.base import ConfigError, load_config, read_yaml, set_dotted
 from semray.config.evaluate import AblationConfig, AblationVariant, ModelEntry
 from semray.evaluation.report import Heading, Para, Table
 from semray.evaluation.runner import EvaluationResult, run_evaluation
@@ -75,7 +74,7 @@ def variant_train_config(
     src = Path(variant.config or cfg.base)
     if not src.is_file():
         raise ConfigError(f"ablation variant {variant.name!r}: training config {src} does not exist")
-    data = yaml.safe_load(src.read_text()) or {}
+    data = read_yaml(src)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     fixed = {
         "run.name": f"ablation-{variant.name}-{stamp}",
