@@ -23,6 +23,7 @@ import torch
 from pytorch_msssim import ssim as _pm_ssim
 from pytorch_msssim.ssim import _ssim
 from scipy import ndimage as ndi
+from scipy.special import ndtr, ndtri
 from skimage.feature import canny
 from skimage.segmentation import expand_labels
 from torch import Tensor
@@ -320,15 +321,24 @@ def defect_contrast(
     return float(np.mean(np.clip(ratios, *CONTRAST_CLIP)))
 
 
+def _instance_peaks(
+    clean: np.ndarray, labels: np.ndarray, n: int, ref: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(support, clean signature, peak per instance)``: each instance's strength in the clean image;
+    instances with ``peak < MIN_DEFECT_SIGNATURE`` are the ones the recall metrics skip."""
+    support = expand_labels(labels, 1)
+    sig_clean = _signature(clean, ref)
+    peak = ndi.maximum(np.abs(sig_clean), support, np.arange(1, n + 1))
+    return support, sig_clean, np.asarray(peak, dtype=np.float64).reshape(n)
+
+
 def _detected(
     clean: np.ndarray, image: np.ndarray, labels: np.ndarray, n: int, ref: np.ndarray | None
 ) -> np.ndarray:
     """Per measurable instance: did the fixed detector fire on ``image``? (bool array)."""
     index = np.arange(1, n + 1)
-    support = expand_labels(labels, 1)
-    sig_clean = _signature(clean, ref)
+    support, sig_clean, peak = _instance_peaks(clean, labels, n, ref)
     sig_img = _signature(image, ref)
-    peak = ndi.maximum(np.abs(sig_clean), support, index)  # the defect's own strength, clean image
     peak_map = np.concatenate([[np.inf], peak])[support]
     core = (support > 0) & (np.abs(sig_clean) >= DETECT_REL_THRESHOLD * peak_map)
     # score with the defect's polarity: a dark smear where a bright particle was is not a detection
@@ -374,6 +384,75 @@ def defect_recall(
         return float("nan")
     hits = _detected(a, b, labels, n, ref)
     return float(hits.mean()) if hits.size else float("nan")
+
+
+def defect_detectability(
+    clean: np.ndarray,
+    reference: np.ndarray,
+    defect_mask: np.ndarray,
+    noise_var: np.ndarray | float,
+) -> np.ndarray:
+    """Ideal-observer SNR ``d'`` of each defect instance: how visible it is in the noise at all.
+
+    The best possible detector of a defect whose shape, position and background are known exactly
+    (the signal-known-exactly ideal observer) computes the prewhitened matched filter; with independent
+    Gaussian pixel noise of variance ``v`` its SNR is ``d' = sqrt(sum(s**2 / v))`` over the instance,
+    with ``s = clean - reference`` the defect's signal. No denoiser and detector can separate the
+    defect from noise better than this observer, so ``d'`` bounds what any method can recall at a
+    noise level (the Rose criterion of imaging: ``d' >= 5`` for reliable detection).
+
+    Args:
+        clean: float ``(H, W)`` clean image, intensities in [0, 1].
+        reference: float ``(H, W)`` defect-free render of the same field.
+        defect_mask: bool ``(H, W)``; each 8-connected component is one instance (as in
+            :func:`defect_recall`), summed over the component grown by :data:`DEFECT_REGION_PX` px so
+            the defect's blurred rim counts.
+        noise_var: per-pixel noise variance, a scalar or float ``(H, W)``, in intensity units squared
+            (for the SEM model: ``a * I + b``, see :func:`semray.noise.poisson_gaussian_coefficients`).
+
+    Returns:
+        float64 ``(n,)``: ``d'`` of each instance :func:`defect_recall` scores (the same instances, in
+        label order; those fainter than :data:`MIN_DEFECT_SIGNATURE` are skipped). Empty without any.
+
+    Raises:
+        ValueError: a shape does not match, or a variance is not positive and finite.
+    """
+    a = np.asarray(clean, dtype=np.float64)
+    ref = _check_reference(reference, a.shape)
+    if ref is None:
+        raise ValueError("defect_detectability needs the defect-free reference image")
+    var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), a.shape)
+    if not (np.all(np.isfinite(var)) and np.all(var > 0)):
+        raise ValueError("noise_var must be positive and finite everywhere")
+    labels, n = _label_defects(defect_mask, a.shape)
+    if n == 0:
+        return np.zeros(0)
+    _, _, peak = _instance_peaks(a, labels, n, ref)
+    energy = ndi.sum_labels(
+        (a - ref) ** 2 / var, expand_labels(labels, DEFECT_REGION_PX), np.arange(1, n + 1)
+    )
+    return np.sqrt(np.asarray(energy, dtype=np.float64).reshape(n))[peak >= MIN_DEFECT_SIGNATURE]
+
+
+def ideal_observer_recall(dprime: np.ndarray, false_alarm: float = 1e-3) -> float:
+    """Expected fraction of defects the ideal observer finds, in [0, 1]; NaN for no defects.
+
+    The observer's matched-filter output is ``N(0, 1)`` without the defect and ``N(d', 1)`` with it;
+    thresholding at ``t`` with ``P(N(0, 1) > t) = false_alarm`` (per defect site, where it is known
+    to be) finds each defect with probability ``Phi(d' - t)``. Searching a whole image for defects
+    at unknown places needs a higher threshold, so this is an upper bound on any method's recall.
+
+    Args:
+        dprime: ``d'`` per defect (:func:`defect_detectability`), any shape.
+        false_alarm: false-alarm probability per site, in (0, 0.5].
+    """
+    if not 0.0 < false_alarm <= 0.5:
+        raise ValueError(f"false_alarm must be in (0, 0.5], got {false_alarm}")
+    d = np.asarray(dprime, dtype=np.float64).ravel()
+    if d.size == 0:
+        return float("nan")
+    t = float(ndtri(1.0 - false_alarm))  # inverse survival function of N(0, 1)
+    return float(np.mean(ndtr(d - t)))
 
 
 def defect_region(defect_mask: np.ndarray, grow_px: int = DEFECT_REGION_PX) -> np.ndarray:

@@ -109,6 +109,14 @@ def test_report_has_every_section_table_and_figure(tiny_run: tuple) -> None:
     assert "delta PSNR (dB) vs median" in md
     for name in ("results.parquet", "results.csv", "summary.csv", "deltas.csv", "runtime.csv", "config.yaml"):
         assert (out / name).is_file(), name
+    # the ideal-observer bound on recall, for every condition and level, in the report and its file
+    bound = res.recall_bound
+    assert list(zip(bound["condition"], bound["level"], strict=True)) == [("sem", d) for d in DOSES] + [
+        ("gaussian", g) for g in GAUSS
+    ]
+    assert bound["ideal_recall"].between(0, 1).all() and (bound["defects"] > 0).all()
+    assert "*defect recall: ideal-observer bound*" in md and "*defect recall bound, gaussian*" in md
+    assert (out / "recall_bound.csv").is_file()
     assert set(res.runtime["method"]) == {"tiny", "gaussian", "median"}  # no noisy, no oracle timing
     assert (res.runtime["seconds_per_megapixel"] > 0).all()
 
@@ -178,6 +186,7 @@ def test_same_seed_gives_identical_results_through_the_cli(
     assert again.run_id is None
     pd.testing.assert_frame_equal(first.results, again.results)
     pd.testing.assert_frame_equal(first.summary, again.summary)
+    pd.testing.assert_frame_equal(first.recall_bound, again.recall_bound)
     assert "Runtime measurement was switched off" in (tmp_path / "again" / "report.md").read_text()
 
 

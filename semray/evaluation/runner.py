@@ -5,10 +5,11 @@
 1. load the clean test images and build the noise conditions (:mod:`semray.evaluation.testset`);
 2. for each condition, make every image's noisy versions, run every method over them (classical ones
    as Ray tasks when ``parallel``), and score each output with :func:`semray.metrics.compute_metrics`
-   (also as Ray tasks);
+   (also as Ray tasks); compute the ideal observer's defect recall at each condition and level, the
+   bound no method can beat on average (:mod:`semray.evaluation.detectability`);
 3. time every method on one common image (:func:`semray.evaluation.methods.seconds_per_megapixel`);
 4. write ``results.parquet``/``.csv`` (one row per image x method x condition x level), the summary,
-   the runtime table, figures and ``report.md``/``report.html`` into the output folder;
+   the runtime and recall-bound tables, figures and ``report.md``/``report.html`` into the output folder;
 5. log all of it as one MLflow run.
 
 Nothing in the results depends on scheduling or wall time: two runs with the same config give the same
@@ -34,6 +35,8 @@ import pandas as pd
 from semray.config.base import ConfigError, dump_yaml, load_config
 from semray.config.data import DatasetConfig
 from semray.config.evaluate import EvaluateConfig
+from semray.evaluation.detectability import detectability_table
+from semray.evaluation.detectability import summarise as summarise_detectability
 from semray.evaluation.figures import Example, plot_examples, plot_metrics_vs_level, plot_runtime
 from semray.evaluation.methods import MethodRunner, build_runners, seconds_per_megapixel
 from semray.evaluation.stats import METRICS, paired_deltas, summarize
@@ -52,6 +55,7 @@ RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.csv"
 RUNTIME_FILE = "runtime.csv"
 DELTAS_FILE = "deltas.csv"
+BOUND_FILE = "recall_bound.csv"
 META_FILE = "evaluation.json"
 CONFIG_FILE = "config.yaml"
 
@@ -67,6 +71,8 @@ class EvaluationResult:
         deltas: paired differences of each method against the reference method.
         runtime: seconds per megapixel per method (empty when runtime measurement was off).
         meta: setup facts (images, methods with versions, machine, MLflow run id, ...).
+        recall_bound: per condition x level, the ideal observer's defect recall, an upper bound on
+            any method's (:func:`semray.evaluation.detectability.summarise`); empty without defects.
     """
 
     out_dir: Path
@@ -75,6 +81,7 @@ class EvaluationResult:
     deltas: pd.DataFrame
     runtime: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    recall_bound: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def run_id(self) -> str | None:
@@ -315,6 +322,7 @@ def run_evaluation(
     summary = summarize(results, ci=cfg.report.ci)
     ref = cfg.report.reference_method
     deltas = paired_deltas(results, ref, ci=cfg.report.ci) if ref else paired_deltas(results.iloc[:0], "")
+    recall_bound = summarise_detectability(detectability_table(images, conditions, cfg.seed))
     runtime = pd.DataFrame()
     if cfg.runtime.enabled:
         runtime = measure_runtimes(
@@ -326,6 +334,7 @@ def run_evaluation(
     summary.to_csv(out / SUMMARY_FILE, index=False)
     deltas.to_csv(out / DELTAS_FILE, index=False)
     runtime.to_csv(out / RUNTIME_FILE, index=False)
+    recall_bound.to_csv(out / BOUND_FILE, index=False)
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
 
     methods = [r.label for r in runners]
@@ -382,7 +391,7 @@ def run_evaluation(
         "evaluation_seconds": round(time.perf_counter() - t_start, 2),
         "mlflow": None,
     }
-    result = EvaluationResult(out, results, summary, deltas, runtime, meta)
+    result = EvaluationResult(out, results, summary, deltas, runtime, meta, recall_bound)
 
     from semray.evaluation.content import report_blocks
     from semray.evaluation.report import write_report
@@ -445,6 +454,7 @@ def load_evaluation(path: str | Path) -> EvaluationResult:
         _csv(DELTAS_FILE),
         _csv(RUNTIME_FILE),
         meta,
+        _csv(BOUND_FILE),  # absent from evaluations written before the bound existed
     )
 
 

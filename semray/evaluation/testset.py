@@ -15,7 +15,7 @@ import numpy as np
 from semray.config.base import ConfigError, load_config
 from semray.config.data import DatasetConfig
 from semray.config.evaluate import EvaluateConfig, TestSetConfig
-from semray.config.noise import NoiseConfig
+from semray.config.noise import NoiseConfig, NoiseParams
 from semray.data import render_record
 from semray.io import list_shards, read_shard
 from semray.noise import apply_noise, image_rng, sample_params
@@ -163,7 +163,13 @@ def make_noisy(clean: np.ndarray, cond: Condition, level: float, seed: int, imag
         rng = image_rng(seed, key)
         noisy = clean + np.float32(level) * rng.standard_normal(clean.shape, dtype=np.float32)
         return np.clip(noisy, 0.0, 1.0).astype(np.float32, copy=False)
-    assert cond.noise is not None
+    return apply_noise(clean, noise_params(cond, level, seed, image_id), image_rng(seed, key))
+
+
+def noise_params(cond: Condition, level: float, seed: int, image_id: str) -> NoiseParams:
+    """The physical noise parameters :func:`make_noisy` uses for ``image_id`` under ``cond`` at dose
+    ``level`` (kinds "sem" and "poisson"; a Gaussian condition has none)."""
+    if cond.noise is None or cond.kind == "gaussian":
+        raise ValueError(f"condition {cond.name!r} ({cond.kind}) has no physical noise parameters")
     param_key = image_id if cond.name == MAIN_CONDITION else f"{image_id}|{cond.name}"
-    params = sample_params(cond.noise, image_rng(seed, param_key)).replace(dose_e_per_px=float(level))
-    return apply_noise(clean, params, image_rng(seed, key))
+    return sample_params(cond.noise, image_rng(seed, param_key)).replace(dose_e_per_px=float(level))

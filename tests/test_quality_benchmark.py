@@ -1,0 +1,55 @@
+"""benchmarks/quality.py on a tiny run: the record holds the targets, the per-dose table and the recall bound."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_benchmark_records_targets_and_the_recall_bound(quality, tmp_path: Path) -> None:
+    args = [
+        "--config", str(ROOT / "configs" / "evaluate_quick.yaml"),
+        "--out", str(tmp_path / "eval"),
+        "--results", str(tmp_path / "results"),
+        "--no-mlflow",
+        "--set", "test_set.dataset.n_test=6",
+        "--set", "doses_e_per_px=[2, 128]",
+        "--set", "robustness=[]",
+        "--set", "methods.classical=[bm3d]",
+        "--set", "runtime.size_px=128",
+        "--set", "runtime.repeats=1",
+        "--set", "report.n_examples=1",
+    ]  # fmt: skip
+    assert quality.main(args) == 0
+    md = (tmp_path / "results" / "quality.md").read_text()
+    for heading in ("## Targets", "## Per dose", "## Defect recall against the ideal-observer bound"):
+        assert heading in md
+    assert "benchmarks/quality.py --config" in md  # the command that reproduces it
+    rec = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert set(rec["verdict"]["pass"]) == {
+        "psnr_gain_every_dose",
+        "ssim_gain_every_dose",
+        "defect_recall_every_dose",
+        "speedup",
+    }
+    bound = {r["dose_e_per_px"]: r for r in rec["recall_bound"]}
+    assert sorted(bound) == [2.0, 128.0]
+    assert all(0.0 <= r["ideal_observer_recall"] <= 1.0 for r in bound.values())
+    # more electrons, more visible defects
+    assert bound[128.0]["ideal_observer_recall"] >= bound[2.0]["ideal_observer_recall"]
+    assert bound[128.0]["ideal_observer_recall"] > 0.99
+    assert bound[2.0]["defects"] == bound[128.0]["defects"] > 0
