@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -67,8 +68,14 @@ def plot_metrics_vs_level(
     metrics: Sequence[str] = CURVE_METRICS,
     title: str | None = None,
     dpi: int = 100,
+    recall_bound: pd.DataFrame | None = None,
 ) -> Path:
-    """One panel per metric: mean over images vs noise level (log x), one line per method, CI bars."""
+    """One panel per metric: mean over images vs noise level (log x), one line per method, CI bars.
+
+    ``recall_bound`` (columns ``condition, level, ideal_recall``, see
+    :mod:`semray.evaluation.detectability`) adds the ideal observer's recall to the defect-recall
+    panel as a dashed grey line: no method can lie above it on average.
+    """
     s = summary[summary["condition"] == condition]
     unit = s["level_unit"].iloc[0] if not s.empty else ""
     styles = _style(methods)
@@ -96,6 +103,17 @@ def plot_metrics_vs_level(
                 linewidth=1.4,
                 **styles[m],
             )
+        if metric == "defect_recall" and recall_bound is not None and not recall_bound.empty:
+            b = recall_bound[recall_bound["condition"] == condition].sort_values("level")
+            if not b.empty:
+                ax.plot(
+                    b["level"],
+                    b["ideal_recall"],
+                    "--",
+                    color="0.45",
+                    linewidth=1.2,
+                    label="ideal observer (bound)",
+                )
         ax.set_xscale("log")
         ax.set_xticks(levels, [f"{lv:g}" for lv in levels])
         ax.minorticks_off()
@@ -104,8 +122,18 @@ def plot_metrics_vs_level(
         ax.grid(True, alpha=0.3)
     for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    legend: dict[str, Any] = {}
+    for ax in axes.ravel():  # the bound is only on the recall panel
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="lower center",
+        ncol=min(len(legend), 6),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(title or f"metrics vs noise level: {condition}", fontsize=11)
     # fixed margins instead of tight_layout: as good here and several times faster
     fig.subplots_adjust(left=0.08, right=0.98, top=0.91, bottom=0.16, wspace=0.25, hspace=0.35)

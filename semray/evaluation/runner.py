@@ -347,6 +347,7 @@ def run_evaluation(
             out / "figures" / f"metrics_vs_level_{cond.name}.png",
             title=_condition_title(cond),
             dpi=cfg.report.dpi,
+            recall_bound=recall_bound,
         )
     if examples:
         figures["examples"] = plot_examples(
