@@ -6,7 +6,9 @@ place and background exactly and uses the prewhitened matched filter, so its rec
 denoiser + detector can reach on the same images at the same noise level. Its noise is the per-pixel
 Poisson-Gaussian variance ``a * I + b`` of shot, detector-gain and read noise with each image's own
 noise parameters (:func:`semray.evaluation.testset.noise_params`); the scan-line, drift, charging and
-jitter terms only add to the noise, so leaving them out keeps the bound optimistic.
+jitter terms only add to the noise, so leaving them out keeps the bound optimistic. At a few counts per
+pixel the noise is Poisson rather than Gaussian, but the matched filter sums tens of pixels per defect,
+so its output is close to normal (central limit) and ``d'`` is its signal-to-noise ratio.
 
 Pure numpy/pandas (no Ray, no models): the evaluation's test images and conditions in, a table out.
 """
