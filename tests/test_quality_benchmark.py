@@ -20,13 +20,16 @@ def quality():
     return mod
 
 
-def test_quality_benchmark_records_targets_and_the_recall_bound(quality, tmp_path: Path) -> None:
+def test_quality_benchmark_pools_noise_seeds_and_records_targets_and_the_recall_bound(
+    quality, tmp_path: Path
+) -> None:
     args = [
         "--config", str(ROOT / "configs" / "evaluate_quick.yaml"),
         "--out", str(tmp_path / "eval"),
         "--results", str(tmp_path / "results"),
         "--no-mlflow",
-        "--set", "test_set.dataset.n_test=6",
+        "--noise-seeds", "0", "1",
+        "--set", "test_set.dataset.n_test=4",
         "--set", "doses_e_per_px=[2, 128]",
         "--set", "robustness=[]",
         "--set", "methods.classical=[bm3d]",
@@ -46,6 +49,16 @@ def test_quality_benchmark_records_targets_and_the_recall_bound(quality, tmp_pat
         "defect_recall_every_dose",
         "speedup",
     }
+    # two noise draws pooled: every image counted once per draw, paired over (image, seed)
+    assert rec["noise_seeds"] == [0, 1]
+    assert "noise seeds 0, 1" in md
+    psnr = [
+        r
+        for r in rec["summary"]
+        if r["metric"] == "psnr" and r["method"] == "bm3d" and r["condition"] == "sem"
+    ]
+    assert {r["n"] for r in psnr} == {8}
+    assert (tmp_path / "eval").is_dir() and (tmp_path / "eval_seed1").is_dir()
     bound = {r["dose_e_per_px"]: r for r in rec["recall_bound"]}
     assert sorted(bound) == [2.0, 128.0]
     assert all(0.0 <= r["ideal_observer_recall"] <= 1.0 for r in bound.values())
