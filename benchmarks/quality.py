@@ -215,6 +215,7 @@ def pool_noise_seeds(runs: list[tuple[int, Any]], ci: float, reference: str = "b
     """
     import dataclasses
 
+    from semray.evaluation.detectability import pool as pool_bounds
     from semray.evaluation.stats import paired_deltas, summarize
 
     if len(runs) == 1:
@@ -222,17 +223,6 @@ def pool_noise_seeds(runs: list[tuple[int, Any]], ci: float, reference: str = "b
     results = pd.concat(
         [r.results.assign(image_id=r.results["image_id"] + f"|seed{s}") for s, r in runs], ignore_index=True
     )
-    bounds = [r.recall_bound for _, r in runs if not r.recall_bound.empty]
-    bound = pd.DataFrame()
-    if bounds:
-        b = pd.concat(bounds, ignore_index=True)
-        b = b.assign(ideal_w=b["ideal_recall"] * b["images"], rose_w=b["rose_fraction"] * b["defects"])
-        bound = b.groupby(["condition", "level"], sort=False)[
-            ["images", "defects", "ideal_w", "rose_w"]
-        ].sum()
-        bound["ideal_recall"] = bound.pop("ideal_w") / bound["images"]
-        bound["rose_fraction"] = bound.pop("rose_w") / bound["defects"]
-        bound = bound.reset_index()
     first = runs[0][1]
     meta = dict(first.meta, seed=", ".join(str(s) for s, _ in runs), noise_seeds=[s for s, _ in runs])
     return dataclasses.replace(
@@ -240,7 +230,7 @@ def pool_noise_seeds(runs: list[tuple[int, Any]], ci: float, reference: str = "b
         results=results,
         summary=summarize(results, ci=ci),
         deltas=paired_deltas(results, reference, ci=ci),
-        recall_bound=bound,
+        recall_bound=pool_bounds([r.recall_bound for _, r in runs]),
         meta=meta,
     )
 

@@ -148,7 +148,7 @@ def _resolve_includes(
     if INCLUDE_KEY in node:
         spec = node[INCLUDE_KEY]
         names = [spec] if isinstance(spec, str) else spec
-        here = f"{where}{INCLUDE_KEY}" if where else INCLUDE_KEY
+        here = where + INCLUDE_KEY  # where is "" at top level, else "a.b."
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(
                 f"config file {path}: {here} must be a file name or a list of file names, got {spec!r}"

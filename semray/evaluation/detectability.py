@@ -30,6 +30,7 @@ ROSE_DPRIME = 5.0
 FALSE_ALARM = 1e-3
 
 COLUMNS = ["condition", "level", "image_id", "n_defects", "dprime_median", "ideal_recall", "rose_fraction"]
+SUMMARY_COLUMNS = ["condition", "level", "images", "defects", "ideal_recall", "rose_fraction"]
 
 
 def noise_variance(image: TestImage, cond: Condition, level: float, seed: int) -> np.ndarray | float:
@@ -95,12 +96,10 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     ``defect_recall`` (per image first), and ``rose_fraction`` over all defects pooled.
 
     Returns:
-        Columns ``condition, level, images, defects, ideal_recall, rose_fraction``.
+        Columns :data:`SUMMARY_COLUMNS`.
     """
     if table.empty:
-        return pd.DataFrame(
-            columns=["condition", "level", "images", "defects", "ideal_recall", "rose_fraction"]
-        )
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     t = table.assign(rose_count=table["rose_fraction"] * table["n_defects"])
     g = t.groupby(["condition", "level"], sort=False)
     out = g.agg(
@@ -111,3 +110,21 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     out["rose_fraction"] = out.pop("rose_count") / out["defects"]
     return out
+
+
+def pool(summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The :func:`summarise` of the union of disjoint image sets (e.g. the same images under several
+    noise draws), from their summaries: image- and defect-weighted means of the per-set figures.
+
+    Returns:
+        Columns :data:`SUMMARY_COLUMNS`; empty when every summary is.
+    """
+    parts = [s for s in summaries if not s.empty]
+    if not parts:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    b = pd.concat(parts, ignore_index=True)
+    b = b.assign(ideal_w=b["ideal_recall"] * b["images"], rose_w=b["rose_fraction"] * b["defects"])
+    out = b.groupby(["condition", "level"], sort=False)[["images", "defects", "ideal_w", "rose_w"]].sum()
+    out["ideal_recall"] = out.pop("ideal_w") / out["images"]
+    out["rose_fraction"] = out.pop("rose_w") / out["defects"]
+    return out.reset_index()[SUMMARY_COLUMNS]
