@@ -156,9 +156,9 @@ def test_pooling_summaries_equals_summarising_the_union() -> None:
     two = TestImage("img-1", "flat", *_scene([0.3])[:2], _scene([0.3])[2], 1)
     shot = Condition("poisson_only", "poisson", (2.0, 8.0), NoiseConfig().only("shot"), True)
     draws = [detectability_table([one, two], [shot], seed=s) for s in (0, 1, 2)]
-    for k, t in enumerate(draws):  # as the benchmark does: each draw's images are distinct samples
-        t["image_id"] = t["image_id"] + f"|seed{k}"
+    # as the evaluation pools noise draws: each (image, draw) row is one sample
     union = summarise(pd.concat(draws, ignore_index=True))
+    assert (union["images"] == 6).all()
     pooled = pool([summarise(t) for t in draws] + [summarise(draws[0].iloc[:0])])
     pd.testing.assert_frame_equal(pooled, union, check_dtype=False)
     assert pool([]).empty and list(pool([]).columns) == list(union.columns)

@@ -194,8 +194,8 @@ def test_a_different_seed_gives_different_noise(tiny_model: Path, tmp_path: Path
     cfg = load_config(EvaluateConfig, tiny_config(tiny_model, tmp_path, seed=2))
     images = load_test_set(cfg.test_set)[:1]
     conds = build_conditions(cfg, generator_noise(cfg))[:1]
-    a, _ = evaluate_methods(images, conds, [NoisyRunner()], seed=1, progress=False)
-    b, _ = evaluate_methods(images, conds, [NoisyRunner()], seed=2, progress=False)
+    a, _ = evaluate_methods(images, conds, [NoisyRunner()], seeds=[1], progress=False)
+    b, _ = evaluate_methods(images, conds, [NoisyRunner()], seeds=[2], progress=False)
     assert not np.allclose(a["psnr"], b["psnr"])
 
 
@@ -208,10 +208,10 @@ def test_ray_tasks_give_the_same_results_as_serial(ray_local: None) -> None:
     images = load_test_set(cfg.test_set)
     conds = build_conditions(cfg, generator_noise(cfg))
     runners = [NoisyRunner(), ClassicalRunner("tv"), ClassicalRunner("median", oracle=True)]
-    serial, _ = evaluate_methods(images, conds, runners, seed=0, use_ray=False, progress=False)
+    serial, _ = evaluate_methods(images, conds, runners, seeds=[0], use_ray=False, progress=False)
     for r in runners[1:]:
         r.use_ray = True
-    parallel, _ = evaluate_methods(images, conds, runners, seed=0, use_ray=True, progress=False)
+    parallel, _ = evaluate_methods(images, conds, runners, seeds=[0], use_ray=True, progress=False)
     pd.testing.assert_frame_equal(serial, parallel)
 
 
@@ -325,6 +325,7 @@ def test_paired_deltas_and_wide_table() -> None:
         ({"robustness": [{"name": "g", "kind": "gaussian", "levels": [2.0]}]}, "robustness.0"),
         ({"methods": {"classical": ["tv"], "classical_params": {"bm3d": {"vst": True}}}}, "methods"),
         ({"runtime": {"repeats": 0}}, "runtime.repeats"),
+        ({"noise_draws": 0}, "noise_draws"),
         ({"bogus": 1}, "bogus"),
     ],
 )

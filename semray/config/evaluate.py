@@ -8,6 +8,7 @@ Gaussian, Poisson-only, a different parameter regime) to show how methods behave
 YAML example (every key optional)::
 
     seed: 7
+    noise_draws: 5            # noise seeds 7..11, statistics paired over image x draw
     test_set: {dataset: {seed: 1234, n_test: 16}, max_images: 16}
     doses_e_per_px: [2, 8, 32, 128]
     robustness:
@@ -224,7 +225,24 @@ class EvaluateConfig(StrictModel):
     """One evaluation run (``semray evaluate --config ...``)."""
 
     seed: int = Field(
-        0, ge=0, description="Noise seed: image i's noise comes from (seed, image_id, condition)."
+        0,
+        ge=0,
+        description=(
+            "Noise seed (of the first draw, see noise_draws): image i's noise comes from "
+            "(seed, image_id, condition, level)."
+        ),
+    )
+    noise_draws: int = Field(
+        1,
+        ge=1,
+        le=50,
+        description=(
+            "Noise draws per image: draw k (0-based) uses noise seed `seed + k`, and every image is scored "
+            "under each. Summaries and paired differences pool over (image, draw) pairs and treat them as "
+            "independent, so the CIs are slightly narrow (the draws of one image share its content). On one "
+            "draw defect recall moves in steps of one defect; several draws measure it. Runtime and the "
+            "visual examples use the first draw."
+        ),
     )
     test_set: TestSetConfig = Field(default_factory=TestSetConfig, description="The clean test images.")
     doses_e_per_px: list[float] = Field(
@@ -255,6 +273,10 @@ class EvaluateConfig(StrictModel):
     @classmethod
     def _doses(cls, v: list[float]) -> list[float]:
         return _positive_levels(v, "dose")
+
+    def noise_seeds(self) -> list[int]:
+        """The noise seed of each draw: ``[seed, seed + 1, ..., seed + noise_draws - 1]``."""
+        return list(range(self.seed, self.seed + self.noise_draws))
 
     @model_validator(mode="after")
     def _unique_conditions(self) -> EvaluateConfig:

@@ -247,6 +247,8 @@ def ablation_markdown(
     from semray.evaluation.report import to_markdown
 
     ts = evaluation.meta["test_set"]
+    draws = evaluation.meta.get("noise_draws", 1)
+    samples = "images" if draws == 1 else f"images x {draws} noise draws"
     info = pd.DataFrame(
         [
             {
@@ -268,7 +270,7 @@ def ablation_markdown(
         Para(
             f"{len(runs)} variants trained under the same budget (same data, epochs, steps, seed), evaluated on "
             f"{ts['n_images']} test images ({ts['source']}) with the generator's noise at each dose. Cells: mean "
-            f"over images; in brackets the paired difference from the baseline `{baseline}` with its 95% CI. "
+            f"over {samples}; in brackets the paired difference from the baseline `{baseline}` with its 95% CI. "
             f"Full report: `evaluation/report.html`."
         ),
         Table(info, "variants"),

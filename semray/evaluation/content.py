@@ -76,6 +76,24 @@ BOUND_NOTE = (
 )
 
 
+def _noise_text(cfg: EvaluateConfig) -> str:
+    """The noise seed(s) for the Setup section, and how several draws are pooled."""
+    seeds = cfg.noise_seeds()
+    if len(seeds) == 1:
+        return f"noise seed {seeds[0]}."
+    return (
+        f"{len(seeds)} noise draws per image (noise seeds {seeds[0]} to {seeds[-1]}): every image is scored "
+        "under each draw, and every mean, CI and paired difference is over image x draw samples, paired "
+        "on (image, draw). The CIs treat these samples as independent, so they are slightly narrow (the "
+        "draws of one image share its content)."
+    )
+
+
+def _samples_text(cfg: EvaluateConfig) -> str:
+    """What one sample of a cell is: ``"test images"``, or ``"test images x N noise draws"``."""
+    return "test images" if cfg.noise_draws == 1 else f"test images x {cfg.noise_draws} noise draws"
+
+
 def _methods_table(meta: Mapping) -> pd.DataFrame:
     rows = []
     for m in meta["methods"]:
@@ -114,7 +132,7 @@ def report_blocks(
         Heading("semray evaluation", 1),
         Para(
             f"{len(methods)} methods x {len(METRICS)} metrics x {sum(len(c.levels) for c in conditions)} noise "
-            f"levels on {ts['n_images']} test images. Created {meta['created']} with semray "
+            f"levels on {ts['n_images']} {_samples_text(cfg)}. Created {meta['created']} with semray "
             f"{meta['machine']['semray_version']}."
         ),
     ]
@@ -128,7 +146,7 @@ def report_blocks(
             f"defects ({ts['defects']} defects). Defect metrics use the defect-free reference render"
             + (" of each image." if ts["with_reference"] else " where the shards have one.")
             + f"\n\n**Noise:** the generator's physical SEM noise model at doses {dose_txt} e-/px (other "
-            f"noise parameters drawn per image and held fixed across doses), noise seed {meta['seed']}."
+            f"noise parameters drawn per image and held fixed across doses), {_noise_text(cfg)}"
             + (
                 " Out-of-generator conditions: "
                 + "; ".join(
@@ -154,7 +172,7 @@ def report_blocks(
     b += [
         Heading(SECTIONS[1]),
         Para(
-            "Mean over test images ± half-width of the "
+            f"Mean over {_samples_text(cfg)} ± half-width of the "
             f"{cfg.report.ci:.0%} confidence interval of the mean (Student t). Higher is better for every "
             "metric except defect contrast, where 1 (the defect kept at full strength) is best; the best "
             "denoiser of each column is in bold. `noisy` is the unprocessed input."
@@ -181,8 +199,9 @@ def report_blocks(
     if ref and not result.deltas.empty:
         b.append(
             Para(
-                f"Paired per-image differences `method - {ref}` on the same images and noise: mean "
-                f"[{cfg.report.ci:.0%} CI]. Positive means better than {ref}."
+                f"Paired {'per-image' if cfg.noise_draws == 1 else 'per-(image, draw)'} differences "
+                f"`method - {ref}` on the same images and noise: mean [{cfg.report.ci:.0%} CI]. Positive "
+                f"means better than {ref}."
             )
         )
         for metric in DELTA_METRICS:
@@ -238,7 +257,9 @@ def report_blocks(
     if "examples" in figures:
         b.append(
             Para(
-                f"At {meta['example_level']:g} e-/px. Per image: full frames; |image - clean| on one colour "
+                f"At {meta['example_level']:g} e-/px"
+                + ("" if cfg.noise_draws == 1 else f", first noise draw (seed {cfg.seed})")
+                + ". Per image: full frames; |image - clean| on one colour "
                 "scale per image; a zoomed crop around the largest defect (mask outlined in red on the clean "
                 "crop, crop box in red on the clean frame)."
             )
@@ -250,7 +271,8 @@ def report_blocks(
     b += [
         Heading(SECTIONS[6]),
         Para(
-            "`results.parquet` / `results.csv`: one row per image x method x condition x level; "
+            "`results.parquet` / `results.csv`: one row per image x noise draw (`noise_seed`) x method x "
+            "condition x level; "
             "`summary.csv`: mean/std/CI per cell; `deltas.csv`: paired differences vs the reference; "
             "`runtime.csv`; `recall_bound.csv`: the ideal-observer recall bound per condition x level; "
             "`config.yaml`: the full config; `evaluation.json`: setup facts; `figures/`."

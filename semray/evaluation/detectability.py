@@ -58,7 +58,7 @@ def detectability_table(
     Args:
         images: test images; those without a reference or without measurable defects are skipped.
         conditions: noise conditions (:func:`semray.evaluation.testset.build_conditions`).
-        seed: the evaluation's noise seed (picks each image's noise parameters, as for the noisy images).
+        seed: the noise seed of one draw (picks each image's noise parameters, as for the noisy images).
         false_alarm: the observer's false-alarm probability per defect site.
 
     Returns:
@@ -93,7 +93,8 @@ def detectability_table(
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Per (condition, level): ``ideal_recall`` averaged over images, as the evaluation averages
-    ``defect_recall`` (per image first), and ``rose_fraction`` over all defects pooled.
+    ``defect_recall`` (per image first), and ``rose_fraction`` over all defects pooled. Rows of several
+    noise draws concatenated count once per (image, draw), in ``images`` and ``defects`` too.
 
     Returns:
         Columns :data:`SUMMARY_COLUMNS`.

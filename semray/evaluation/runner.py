@@ -3,13 +3,16 @@
 :func:`run_evaluation` is the whole job (``semray evaluate``, ``jobs/evaluate.py``, the benchmark):
 
 1. load the clean test images and build the noise conditions (:mod:`semray.evaluation.testset`);
-2. for each condition, make every image's noisy versions, run every method over them (classical ones
-   as Ray tasks when ``parallel``), and score each output with :func:`semray.metrics.compute_metrics`
-   (also as Ray tasks); compute the ideal observer's defect recall at each condition and level, the
-   bound no method can beat on average (:mod:`semray.evaluation.detectability`);
+2. for each noise draw (seed ``cfg.seed + k``, ``k < cfg.noise_draws``) and condition, make every
+   image's noisy versions, run every method over them (classical ones as Ray tasks when ``parallel``),
+   and score each output with :func:`semray.metrics.compute_metrics` (also as Ray tasks); compute the
+   ideal observer's defect recall at each condition and level, the bound no method can beat on average
+   (:mod:`semray.evaluation.detectability`), pooled over the draws like the measured recall;
 3. time every method on one common image (:func:`semray.evaluation.methods.seconds_per_megapixel`);
-4. write ``results.parquet``/``.csv`` (one row per image x method x condition x level), the summary,
-   the runtime and recall-bound tables, figures and ``report.md``/``report.html`` into the output folder;
+4. write ``results.parquet``/``.csv`` (one row per image x noise draw x method x condition x level), the
+   summary and paired differences (pooled over image x draw), the runtime and recall-bound tables,
+   figures and ``report.md``/``report.html`` into the output folder (runtime and the visual examples
+   come from the first draw);
 5. log all of it as one MLflow run.
 
 Nothing in the results depends on scheduling or wall time: two runs with the same config give the same
@@ -66,9 +69,10 @@ class EvaluationResult:
 
     Attributes:
         out_dir: the output folder.
-        results: one row per image x method x condition x level (metrics as columns).
-        summary: mean/std/CI per condition x level x method x metric (long format).
-        deltas: paired differences of each method against the reference method.
+        results: one row per image x noise draw x method x condition x level (metrics as columns;
+            ``noise_seed`` names the draw, absent from folders written before draws existed).
+        summary: mean/std/CI per condition x level x method x metric (long format), over image x draw.
+        deltas: paired differences of each method against the reference method, paired on (image, draw).
         runtime: seconds per megapixel per method (empty when runtime measurement was off).
         meta: setup facts (images, methods with versions, machine, MLflow run id, ...).
         recall_bound: per condition x level, the ideal observer's defect recall, an upper bound on
@@ -139,8 +143,9 @@ def _pick_examples(images: Sequence[TestImage], n: int) -> list[int]:
 
 #: Columns of the results table besides the metrics of :func:`semray.metrics.compute_metrics`.
 RESULT_COLUMNS = (
-    "image_id", "pattern", "n_defects", "condition", "noise_kind", "out_of_generator", "level", "level_unit",
-    "dose_e_per_px", "method", "method_kind", "model_version", "oracle_sigma", "sigma_true", "sigma_estimated",
+    "image_id", "noise_seed", "pattern", "n_defects", "condition", "noise_kind", "out_of_generator", "level",
+    "level_unit", "dose_e_per_px", "method", "method_kind", "model_version", "oracle_sigma", "sigma_true",
+    "sigma_estimated",
 )  # fmt: skip
 
 
@@ -152,28 +157,36 @@ def evaluate_methods(
     images: Sequence[TestImage],
     conditions: Sequence[Condition],
     runners: Sequence[MethodRunner],
-    seed: int,
+    seeds: Sequence[int],
     use_ray: bool = False,
     example_level: float | None = None,
     n_examples: int = 0,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, list[Example]]:
-    """Score every runner on every image at every level of every condition.
+    """Score every runner on every image at every level of every condition, under each noise seed.
+
+    Args:
+        seeds: the noise seed of each draw (:func:`~semray.evaluation.testset.make_noisy`); the visual
+            examples come from the first.
 
     Returns:
-        ``(results, examples)``: one row per condition x level x image x method with the
-        :data:`RESULT_COLUMNS` (``sigma_true`` = std of noisy - clean, ``sigma_estimated`` = the blind
-        estimate on the noisy image, both [0, 1] units; neither is shown to a non-oracle method) and the
-        metric columns; and the visual examples of the main condition at ``example_level``.
+        ``(results, examples)``: one row per noise seed x condition x level x image x method (in that
+        order) with the :data:`RESULT_COLUMNS` (``noise_seed`` = the draw's seed, ``sigma_true`` = std of
+        noisy - clean, ``sigma_estimated`` = the blind estimate on the noisy image, both [0, 1] units;
+        neither is shown to a non-oracle method) and the metric columns; and the visual examples of the
+        main condition at ``example_level``.
     """
     from tqdm.auto import tqdm
-
-    from semray.classical import estimate_noise_sigma
 
     example_idx = _pick_examples(images, n_examples) if example_level is not None else []
     examples: dict[int, Example] = {}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(conditions) * len(runners), desc="evaluate", unit="method", disable=not progress)
+    bar = tqdm(
+        total=len(seeds) * len(conditions) * len(runners),
+        desc="evaluate",
+        unit="method",
+        disable=not progress,
+    )
     put: Callable[[Any], Any] = _identity
     if use_ray:
         import ray
@@ -181,48 +194,72 @@ def evaluate_methods(
         put = ray.put
     # (clean, defect_mask, reference) per image, shipped to the object store once for all metric tasks
     refs = [(put(im.clean), put(im.defect_mask), put(im.reference)) for im in images]
-    for cond in conditions:
-        cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
-        noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
-        sigma_true = [
-            float(np.std(n - images[ii].clean.astype(np.float64)))
-            for n, (_, ii) in zip(noisy, cells, strict=True)
-        ]
-        sigma_est = [estimate_noise_sigma(n) for n in noisy]
-        shown = [
-            cond.name == MAIN_CONDITION and lv == example_level and ii in example_idx for lv, ii in cells
-        ]
-        for k, (lv, ii) in enumerate(cells):
-            if shown[k]:
-                im = images[ii]
-                examples[ii] = Example(
-                    im.image_id, im.pattern, lv, cond.level_unit, im.clean, noisy[k], im.defect_mask, {}
-                )
-        for runner in runners:
-            bar.set_postfix_str(f"{cond.name}: {runner.label}")
-            outputs = runner.run_many(noisy, sigma_true)
-            scores = _metrics_many(
-                [
-                    (refs[ii][0], out, refs[ii][1], refs[ii][2])
-                    for out, (_, ii) in zip(outputs, cells, strict=True)
-                ],
-                use_ray,
-            )
-            for k, ((lv, ii), out, sc) in enumerate(zip(cells, outputs, scores, strict=True)):
-                im = images[ii]
-                facts = (
-                    im.image_id, im.pattern, im.n_defects, cond.name, cond.kind, cond.out_of_generator, float(lv),
-                    cond.level_unit, float(lv) if cond.level_unit == DOSE_UNIT else float("nan"), runner.label,
-                    runner.kind, runner.version, bool(runner.oracle), sigma_true[k], sigma_est[k],
-                )  # fmt: skip
-                rows.append(
-                    {**dict(zip(RESULT_COLUMNS, facts, strict=True)), **{m: float(v) for m, v in sc.items()}}
-                )
-                if shown[k]:
-                    examples[ii].outputs[runner.label] = out
-            bar.update(1)
+    for draw, seed in enumerate(seeds):
+        for cond in conditions:
+            first_main = draw == 0 and cond.name == MAIN_CONDITION
+            shown = {(example_level, ii) for ii in example_idx} if first_main else set()
+            rows += _score_condition(images, refs, cond, runners, seed, use_ray, shown, examples, bar)
     bar.close()
     return pd.DataFrame(rows), [examples[i] for i in example_idx if i in examples]
+
+
+def _score_condition(
+    images: Sequence[TestImage],
+    refs: Sequence[tuple[Any, Any, Any]],
+    cond: Condition,
+    runners: Sequence[MethodRunner],
+    seed: int,
+    use_ray: bool,
+    shown: set[tuple[float | None, int]],
+    examples: dict[int, Example],
+    bar: Any,
+) -> list[dict[str, Any]]:
+    """The result rows of every runner on every image at every level of ``cond`` under noise ``seed``.
+
+    ``refs`` holds each image's (clean, defect_mask, reference), as object refs under Ray. The cells
+    ``(level, image index)`` in ``shown`` are recorded in ``examples`` (noisy input and every output);
+    ``bar`` advances by one per runner.
+    """
+    from semray.classical import estimate_noise_sigma
+
+    cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
+    noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
+    sigma_true = [
+        float(np.std(n - images[ii].clean.astype(np.float64)))
+        for n, (_, ii) in zip(noisy, cells, strict=True)
+    ]
+    sigma_est = [estimate_noise_sigma(n) for n in noisy]
+    for k, (lv, ii) in enumerate(cells):
+        if (lv, ii) in shown:
+            im = images[ii]
+            examples[ii] = Example(
+                im.image_id, im.pattern, lv, cond.level_unit, im.clean, noisy[k], im.defect_mask, {}
+            )
+    rows: list[dict[str, Any]] = []
+    for runner in runners:
+        bar.set_postfix_str(f"seed {seed}, {cond.name}: {runner.label}")
+        outputs = runner.run_many(noisy, sigma_true)
+        scores = _metrics_many(
+            [
+                (refs[ii][0], out, refs[ii][1], refs[ii][2])
+                for out, (_, ii) in zip(outputs, cells, strict=True)
+            ],
+            use_ray,
+        )
+        for k, ((lv, ii), out, sc) in enumerate(zip(cells, outputs, scores, strict=True)):
+            im = images[ii]
+            facts = (
+                im.image_id, seed, im.pattern, im.n_defects, cond.name, cond.kind, cond.out_of_generator,
+                float(lv), cond.level_unit, float(lv) if cond.level_unit == DOSE_UNIT else float("nan"),
+                runner.label, runner.kind, runner.version, bool(runner.oracle), sigma_true[k], sigma_est[k],
+            )  # fmt: skip
+            rows.append(
+                {**dict(zip(RESULT_COLUMNS, facts, strict=True)), **{m: float(v) for m, v in sc.items()}}
+            )
+            if (lv, ii) in shown:
+                examples[ii].outputs[runner.label] = out
+        bar.update(1)
+    return rows
 
 
 def measure_runtimes(
@@ -253,7 +290,7 @@ def measure_runtimes(
 
 
 def _timing_image(cfg: EvaluateConfig, main: Condition) -> np.ndarray:
-    """A ``size_px`` square wafer render with the generator's noise at the middle dose."""
+    """A ``size_px`` square wafer render with the generator's noise at the middle dose (first draw's seed)."""
     from semray.data import render_record
 
     ds = cfg.test_set.dataset
@@ -316,13 +353,17 @@ def run_evaluation(
     images = load_test_set(cfg.test_set)
     conditions = build_conditions(cfg, generator_noise(cfg))
     (out / "figures").mkdir(parents=True, exist_ok=True)
+    seeds = cfg.noise_seeds()
     results, examples = evaluate_methods(
-        images, conditions, runners, cfg.seed, use_ray, example_level, cfg.report.n_examples, progress
+        images, conditions, runners, seeds, use_ray, example_level, cfg.report.n_examples, progress
     )
     summary = summarize(results, ci=cfg.report.ci)
     ref = cfg.report.reference_method
     deltas = paired_deltas(results, ref, ci=cfg.report.ci) if ref else paired_deltas(results.iloc[:0], "")
-    recall_bound = summarise_detectability(detectability_table(images, conditions, cfg.seed))
+    # every (image, draw) is one sample, as in the summary of the measured recall
+    recall_bound = summarise_detectability(
+        pd.concat([detectability_table(images, conditions, s) for s in seeds], ignore_index=True)
+    )
     runtime = pd.DataFrame()
     if cfg.runtime.enabled:
         runtime = measure_runtimes(
@@ -364,6 +405,8 @@ def run_evaluation(
         "command": " ".join(sys.argv),
         "machine": _machine(),
         "seed": cfg.seed,
+        "noise_draws": cfg.noise_draws,
+        "noise_seeds": seeds,
         "test_set": _test_set_facts(cfg, images),
         "conditions": [
             {

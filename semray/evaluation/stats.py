@@ -1,8 +1,10 @@
 """Summary statistics of an evaluation's per-image results (pure pandas/scipy).
 
-The results table has one row per image x method x condition x level. Summaries average over images
-with a Student-t confidence interval of the mean; comparisons against a reference method are paired
-(the same images and noise), which removes the image-to-image spread from the interval.
+The results table has one row per image x noise draw x method x condition x level. Summaries average
+over all (image, draw) samples with a Student-t confidence interval of the mean; comparisons against a
+reference method are paired (the same image under the same noise draw), which removes the image-to-image
+spread from the interval. Samples are treated as independent: the draws of one image share its content,
+so with several draws the intervals are slightly narrow.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 #: Metrics whose ideal value is 1 rather than "as high as possible" (defect contrast above 1 means the
 #: method exaggerated the defect).
 TARGET_ONE = frozenset({"defect_contrast"})
-#: Columns that identify one evaluation cell (everything but the image).
+#: Columns that identify one evaluation cell (everything but the image and the noise draw).
 GROUP_KEYS = ["condition", "level", "method"]
+#: Columns that identify one sample of a cell: the image, and the draw's noise seed when the table has
+#: one (tables written before noise draws existed have one draw and no ``noise_seed`` column).
+SAMPLE_KEYS = ["image_id", "noise_seed"]
 
 
 def _t_half_width(std: np.ndarray, n: np.ndarray, ci: float) -> np.ndarray:
@@ -51,12 +56,14 @@ def _t_half_width(std: np.ndarray, n: np.ndarray, ci: float) -> np.ndarray:
 def summarize(
     results: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), ci: float = 0.95
 ) -> pd.DataFrame:
-    """Mean, std and CI of each metric per (condition, level, method), long format.
+    """Mean, std and CI of each metric per (condition, level, method) over all its images and noise
+    draws, long format.
 
     Args:
-        results: per-image rows with ``condition``, ``level``, ``level_unit``, ``method``,
+        results: per-(image, draw) rows with ``condition``, ``level``, ``level_unit``, ``method``,
             ``method_kind`` and the metric columns (NaN where a metric is undefined, e.g. defect
-            metrics on a defect-free image; NaNs are left out of that metric's mean and ``n``).
+            metrics on a defect-free image; NaNs are left out of that metric's mean and ``n``, which
+            counts image x draw samples).
         metrics: metric columns to summarise.
         ci: confidence level of the interval of the mean (Student t, n - 1 dof), clipped to the
             metric's range (:data:`METRIC_RANGES`) so a small sample never shows a recall above 1.
@@ -95,7 +102,10 @@ def paired_deltas(
     ),
     ci: float = 0.95,
 ) -> pd.DataFrame:
-    """Per-image paired differences ``method - reference`` for every other method, summarised.
+    """Paired differences ``method - reference`` for every other method, summarised.
+
+    Pairs are (image, noise draw): rows match on ``image_id`` and, when the table has it, ``noise_seed``
+    (:data:`SAMPLE_KEYS`), so ``n`` counts image x draw pairs.
 
     Returns:
         Columns ``condition, level, level_unit, method, metric, n, mean_delta, ci_low, ci_high,
@@ -116,7 +126,7 @@ def paired_deltas(
     ]
     if reference not in set(results["method"]):
         return pd.DataFrame(columns=cols)
-    keys = ["condition", "level", "level_unit", "image_id"]
+    keys = ["condition", "level", "level_unit", *[k for k in SAMPLE_KEYS if k in results.columns]]
     ref = results[results["method"] == reference].set_index(keys)[list(metrics)]
     frames = []
     for method, sub in results[results["method"] != reference].groupby("method", sort=False):
