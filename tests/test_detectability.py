@@ -8,7 +8,7 @@ import pytest
 from scipy.special import ndtr, ndtri
 
 from semray.config.noise import NoiseConfig
-from semray.evaluation.detectability import ROSE_DPRIME, detectability_table, noise_variance, pool, summarise
+from semray.evaluation.detectability import ROSE_DPRIME, detectability_table, noise_variance, summarise
 from semray.evaluation.testset import Condition, TestImage, make_noisy, noise_params
 from semray.metrics import defect_detectability, defect_recall, ideal_observer_recall
 from semray.noise import apply_noise, image_rng, poisson_gaussian_coefficients
@@ -150,15 +150,11 @@ def test_table_skips_images_without_reference_or_defects() -> None:
     assert list(detectability_table([im, no_ref], [gauss], seed=0)["image_id"]) == ["img-0"]
 
 
-def test_pooling_summaries_equals_summarising_the_union() -> None:
-    """pool() of per-draw summaries is what summarise() gives on all per-image rows at once."""
+def test_summarising_several_draws_counts_each_image_and_draw_once() -> None:
+    """Rows of several noise draws summarised together: each (image, draw) row is one sample."""
     one = _test_image()
     two = TestImage("img-1", "flat", *_scene([0.3])[:2], _scene([0.3])[2], 1)
     shot = Condition("poisson_only", "poisson", (2.0, 8.0), NoiseConfig().only("shot"), True)
     draws = [detectability_table([one, two], [shot], seed=s) for s in (0, 1, 2)]
-    # as the evaluation pools noise draws: each (image, draw) row is one sample
     union = summarise(pd.concat(draws, ignore_index=True))
     assert (union["images"] == 6).all()
-    pooled = pool([summarise(t) for t in draws] + [summarise(draws[0].iloc[:0])])
-    pd.testing.assert_frame_equal(pooled, union, check_dtype=False)
-    assert pool([]).empty and list(pool([]).columns) == list(union.columns)

@@ -12,7 +12,6 @@ import pytest
 from semray.config.base import load_config
 from semray.config.evaluate import EvaluateConfig
 from semray.evaluation import EvaluationResult, evaluate_methods, load_evaluation, run_evaluation
-from semray.evaluation.detectability import pool
 from semray.evaluation.methods import ClassicalRunner, NoisyRunner
 from semray.evaluation.stats import paired_deltas, summarize
 from semray.evaluation.testset import build_conditions, generator_noise, load_test_set, make_noisy
@@ -91,8 +90,17 @@ def test_summary_and_deltas_pool_image_x_draw(runs: dict[str, EvaluationResult])
 def test_recall_bound_pools_the_per_draw_bounds(runs: dict[str, EvaluationResult]) -> None:
     two, first, second = runs["two"], runs["first"], runs["second"]
     assert not two.recall_bound.empty
-    pd.testing.assert_frame_equal(
-        two.recall_bound, pool([first.recall_bound, second.recall_bound]), check_dtype=False
+    f, s = first.recall_bound, second.recall_bound
+    assert list(two.recall_bound[["condition", "level"]].itertuples(index=False)) == list(
+        f[["condition", "level"]].itertuples(index=False)
+    )
+    # every (image, draw) counts once; the Rose fraction is pooled over all defects of both draws
+    np.testing.assert_array_equal(two.recall_bound["images"], f["images"] + s["images"])
+    np.testing.assert_array_equal(two.recall_bound["defects"], f["defects"] + s["defects"])
+    np.testing.assert_allclose(
+        two.recall_bound["rose_fraction"],
+        (f["rose_fraction"] * f["defects"] + s["rose_fraction"] * s["defects"])
+        / (f["defects"] + s["defects"]),
     )
     # the same images in every draw: the pooled bound is the plain mean of the per-draw bounds
     np.testing.assert_allclose(

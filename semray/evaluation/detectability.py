@@ -111,21 +111,3 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     out["rose_fraction"] = out.pop("rose_count") / out["defects"]
     return out
-
-
-def pool(summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The :func:`summarise` of the union of disjoint image sets (e.g. the same images under several
-    noise draws), from their summaries: image- and defect-weighted means of the per-set figures.
-
-    Returns:
-        Columns :data:`SUMMARY_COLUMNS`; empty when every summary is.
-    """
-    parts = [s for s in summaries if not s.empty]
-    if not parts:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    b = pd.concat(parts, ignore_index=True)
-    b = b.assign(ideal_w=b["ideal_recall"] * b["images"], rose_w=b["rose_fraction"] * b["defects"])
-    out = b.groupby(["condition", "level"], sort=False)[["images", "defects", "ideal_w", "rose_w"]].sum()
-    out["ideal_recall"] = out.pop("ideal_w") / out["images"]
-    out["rose_fraction"] = out.pop("rose_w") / out["defects"]
-    return out.reset_index()[SUMMARY_COLUMNS]
