@@ -7,7 +7,8 @@ less sensitive to other load on the machine than wall time) and per wall second 
 ``mp_per_s_cpu_best`` is the fastest run, the closest to an unshared core when the machine is busy
 (the load average is recorded with the results). Besides the default
 dose range (``sampled``) it times the two ends of the range, because the low-dose end is the slowest
-(exact Poisson and gamma draws everywhere).
+(exact Poisson and gamma draws everywhere), and the sampled images with the detector-bandwidth
+component (off by default) switched on (``bandwidth``), which the target does not cover.
 
 Usage::
 
@@ -120,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = NoiseConfig()
     dose = cfg.shot.dose_e_per_px
-    cases = {"sampled": None, "low_dose": dose.low, "high_dose": dose.high}
+    # The bandwidth component is off by default; "bandwidth" times the same images with it on.
+    with_bw = NoiseConfig.model_validate({"bandwidth": {"enabled": True}})
+    cases = {
+        "sampled": (cfg, None),
+        "low_dose": (cfg, dose.low),
+        "high_dose": (cfg, dose.high),
+        "bandwidth": (with_bw, None),
+    }
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     info = machine()
     print(f"machine: {info['cpu_model']} | {info['usable_cores']} usable cores | {info['platform']}")
@@ -134,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         clean = wafer_pattern(size, size)
         runs = max(3, args.runs * 512 * 512 // (size * size)) if size > 512 else args.runs
-        for case, pinned in cases.items():
-            r = time_case(clean, cfg, pinned, runs)
+        for case, (case_cfg, pinned) in cases.items():
+            r = time_case(clean, case_cfg, pinned, runs)
             results.append({"size": f"{size}x{size}", "case": case, "dose_e_per_px": pinned, **r})
             print(
                 f"{size:>5}x{size:<4} {case:>10} {r['mp_per_s_cpu']:>16.1f} {r['mp_per_s_cpu_best']:>9.1f} "
                 f"{r['mp_per_s_wall']:>12.1f} {r['ms_per_image_cpu']:>13.1f}"
             )
     sampled = [r["mp_per_s_cpu"] for r in results if r["case"] == "sampled"]
-    worst = min(r["mp_per_s_cpu"] for r in results)
+    worst = min(r["mp_per_s_cpu"] for r in results if r["case"] != "bandwidth")
     verdict = "meets" if min(sampled) >= TARGET_MP_PER_S else "MISSES"
     print(
         f"full model, default ranges: {min(sampled):.1f} MP/s per core at worst size "
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "threads": 1,
-        "model": "full (all components on, NoiseConfig defaults)",
+        "model": "full (NoiseConfig defaults: every component on but bandwidth; case 'bandwidth': it too)",
         "target_mp_per_s_per_core": TARGET_MP_PER_S,
         "machine": info,
         "results": results,

@@ -20,9 +20,9 @@ import numpy as np
 
 from semray.config.base import dump_yaml
 from semray.config.data import DatasetConfig
-from semray.config.noise import NoiseConfig
+from semray.config.noise import NoiseConfig, NoiseParams
 from semray.io import SPLITS, list_shards, write_shard
-from semray.noise import image_rng, synthesize
+from semray.noise import clean_target, image_rng, synthesize
 from semray.synth import render_wafer, sample_pattern
 
 
@@ -147,29 +147,53 @@ def add_noise_batch(
 
     Returns:
         The batch with ``noisy`` (same layout as ``clean``, float32 [0, 1]) and one ``noise_*`` column
-        per sampled parameter, plus ``noise_seed`` and ``noise_epoch``.
+        per sampled parameter, plus ``noise_seed`` and ``noise_epoch``. With the ADC window
+        ``quantization.adc_window: headroom``, ``clean`` (and ``reference``, if present) are replaced by
+        :func:`semray.noise.clean_target` of each row, the scale of its ``noisy``; with the default
+        ``clip`` they are returned untouched.
     """
     cfg = noise if isinstance(noise, NoiseConfig) else NoiseConfig.model_validate(noise)
     out = dict(batch)
     noisy: list[np.ndarray] = []
-    params: list[dict[str, Any]] = []
+    params: list[NoiseParams] = []
     for iid, clean in zip(batch["image_id"], batch["clean"], strict=True):
         img, p = synthesize(np.asarray(clean, dtype=np.float32), cfg, image_rng(seed, str(iid), epoch))
         noisy.append(img)
-        params.append(p.as_columns())
-    clean_col = batch["clean"]
-    if isinstance(clean_col, np.ndarray) and clean_col.dtype != object:
-        out["noisy"] = np.stack(noisy).astype(np.float32)
-    else:
-        ragged = np.empty(len(noisy), dtype=object)
-        ragged[:] = noisy
-        out["noisy"] = ragged
-    for key in params[0] if params else []:
-        out[key] = np.asarray([p[key] for p in params])
+        params.append(p)
+    out["noisy"] = _like_column(batch["clean"], noisy)
+    out.update(target_columns(batch, params))
+    cols = [p.as_columns() for p in params]
+    for key in cols[0] if cols else []:
+        out[key] = np.asarray([c[key] for c in cols])
     n = len(noisy)
     out["noise_seed"] = np.full(n, seed, dtype=np.int64)
     out["noise_epoch"] = np.full(n, epoch, dtype=np.int64)
     return out
+
+
+def target_columns(batch: Mapping[str, Any], params: list[NoiseParams]) -> dict[str, np.ndarray]:
+    """``clean`` and ``reference`` (where present) on the scale of the noisy images made with ``params``.
+
+    Empty with the default ADC window ``clip`` (the clean images already are on that scale); with
+    ``headroom``, each row's :func:`semray.noise.clean_target`. ``params``: one record per row.
+    """
+    if all(p.adc_window == "clip" for p in params):
+        return {}
+    out = {}
+    for name in ("clean", "reference"):
+        if name in batch and batch[name] is not None:
+            col = batch[name]
+            out[name] = _like_column(col, [clean_target(c, p) for c, p in zip(col, params, strict=True)])
+    return out
+
+
+def _like_column(col: Any, images: list[np.ndarray]) -> np.ndarray:
+    """``images`` in the layout of the column ``col``: stacked (B, H, W) float32, or a (B,) object array."""
+    if isinstance(col, np.ndarray) and col.dtype != object:
+        return np.stack(images).astype(np.float32)
+    ragged = np.empty(len(images), dtype=object)
+    ragged[:] = images
+    return ragged
 
 
 def read_shards_dataset(shards: str | Path | Iterable[str | Path], split: str | None = None) -> Any:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from semray.config.loss import BlindSpotMaskConfig, LossConfig
-from semray.config.noise import NoiseConfig
+from semray.config.noise import NoiseConfig, NoiseParams
 
 Axis = Literal["x", "y"]
 
@@ -236,21 +236,23 @@ def add_noise_pair_batch(
 
     Returns:
         The batch with ``noisy`` and ``noisy2`` (layout of ``clean``, float32 [0, 1]), the ``noise_*``
-        parameter columns, ``noise_seed`` and ``noise_epoch``.
+        parameter columns, ``noise_seed`` and ``noise_epoch``; ``clean`` on the frames' scale as in
+        :func:`~semray.data.add_noise_batch` (rescaled only with the ``headroom`` ADC window).
     """
+    from semray.data import target_columns
     from semray.noise import apply_noise, image_rng, sample_params
 
     cfg = noise if isinstance(noise, NoiseConfig) else NoiseConfig.model_validate(noise)
     out = dict(batch)
     frames: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    params: list[dict[str, Any]] = []
+    params: list[NoiseParams] = []
     for iid, clean in zip(batch["image_id"], batch["clean"], strict=True):
         rng = image_rng(seed, str(iid), epoch)
         p = sample_params(cfg, rng)
         c = np.asarray(clean, dtype=np.float32)
         frames[0].append(apply_noise(c, p, rng))
         frames[1].append(apply_noise(c, p, rng))
-        params.append(p.as_columns())
+        params.append(p)
     clean_col = batch["clean"]
     for name, imgs in zip(("noisy", "noisy2"), frames, strict=True):
         if isinstance(clean_col, np.ndarray) and clean_col.dtype != object:
@@ -259,8 +261,10 @@ def add_noise_pair_batch(
             ragged = np.empty(len(imgs), dtype=object)
             ragged[:] = imgs
             out[name] = ragged
-    for key in params[0] if params else []:
-        out[key] = np.asarray([p[key] for p in params])
+    out.update(target_columns(batch, params))  # headroom ADC window: clean on the noisy scale
+    cols = [p.as_columns() for p in params]
+    for key in cols[0] if cols else []:
+        out[key] = np.asarray([c[key] for c in cols])
     n = len(params)
     out["noise_seed"] = np.full(n, seed, dtype=np.int64)
     out["noise_epoch"] = np.full(n, epoch, dtype=np.int64)

@@ -9,9 +9,10 @@ import pytest
 
 from semray.config.base import load_config
 from semray.config.data import DatasetConfig
+from semray.config.noise import NoiseConfig
 from semray.data import add_noise_batch, iter_noisy_records, noisy_dataset, synthesize_shards
 from semray.io import read_shard
-from semray.noise import image_rng, synthesize
+from semray.noise import clean_target, image_rng, synthesize
 
 SMALL = ["height=48", "width=40", "n_train=5", "n_val=2", "n_test=3", "rows_per_shard=2"]
 
@@ -98,3 +99,23 @@ def test_iter_noisy_records_without_ray(shard_set: tuple[DatasetConfig, Path]) -
     assert len(got) == len(recs)
     assert got[0]["noisy"].shape == (48, 40)
     assert not np.allclose(got[0]["noisy"], got[0]["clean"])
+
+
+def test_headroom_adc_window_puts_clean_on_the_noisy_scale() -> None:
+    clean = np.stack([np.full((40, 48), v, np.float32) for v in (0.1, 0.5, 0.9)])
+    batch = {"image_id": np.array(["a", "b", "c"]), "clean": clean, "reference": clean.copy()}
+    noise = load_config(NoiseConfig, {"quantization": {"adc_window": "headroom"}}).only(
+        "shot", "detector_gain", "read_noise", "quantization"
+    )
+    out = add_noise_batch(batch, noise, seed=1, epoch=2)
+    for i, iid in enumerate(batch["image_id"]):
+        noisy, params = synthesize(clean[i], noise, image_rng(1, iid, 2))
+        np.testing.assert_array_equal(out["noisy"][i], noisy)
+        np.testing.assert_array_equal(out["clean"][i], clean_target(clean[i], params))
+        np.testing.assert_array_equal(out["reference"][i], out["clean"][i])
+        # unbiased: noise std <= ~0.1 on this scale (dose >= 10 e-/px), so over 1920 pixels the mean's
+        # standard error is <= 0.0023 and 0.01 is over 4 of them
+        assert abs(float(noisy.mean() - out["clean"][i].mean())) < 0.01
+    assert out["noise_adc_window"].tolist() == ["headroom"] * 3
+    plain = add_noise_batch(batch, NoiseConfig(), seed=1, epoch=2)
+    assert plain["clean"] is clean  # default 'clip': the clean column is passed through untouched

@@ -14,7 +14,13 @@ from semray.config.evaluate import EvaluateConfig
 from semray.evaluation import EvaluationResult, evaluate_methods, load_evaluation, run_evaluation
 from semray.evaluation.methods import ClassicalRunner, NoisyRunner
 from semray.evaluation.stats import paired_deltas, summarize
-from semray.evaluation.testset import build_conditions, generator_noise, load_test_set, make_noisy
+from semray.evaluation.testset import (
+    build_conditions,
+    generator_noise,
+    load_test_set,
+    make_noisy,
+    make_target,
+)
 
 N_IMAGES, SEED = 3, 3  # dataset seed 5: image 0 has no defect, images 1 and 2 have 1 and 3
 
@@ -151,3 +157,27 @@ def test_load_evaluation_round_trips_draws_and_reads_old_folders(
     assert "noise_seed" not in loaded.results.columns
     pd.testing.assert_frame_equal(paired_deltas(loaded.results, "median"), runs["first"].deltas)
     pd.testing.assert_frame_equal(summarize(loaded.results), runs["first"].summary)
+
+
+def test_headroom_adc_window_is_scored_against_the_clean_image_on_its_scale() -> None:
+    cfg = _config(SEED, 1)
+    images = load_test_set(cfg.test_set)
+    noise = generator_noise(cfg).model_copy(deep=True)
+    noise.quantization.adc_window = "headroom"
+    cond = build_conditions(cfg, noise)[0]
+    rows, examples = evaluate_methods(
+        images, [cond], [NoisyRunner()], seeds=[SEED], example_level=4.0, n_examples=1, progress=False
+    )
+    for row in rows.itertuples():
+        im = next(i for i in images if i.image_id == row.image_id)
+        target = make_target(im.clean, cond, row.level, SEED, im.image_id)
+        noisy = make_noisy(im.clean, cond, row.level, SEED, im.image_id)
+        assert target.max() < 0.9 * im.clean.max()  # the window is wider than [0, 1]
+        assert row.sigma_true == pytest.approx(float(np.std(noisy - target.astype(np.float64))), rel=1e-6)
+        # on the noisy image's scale (up to charging and drift), which the clean image is not
+        assert abs(float(noisy.mean() - target.mean())) < 0.3 * abs(float(noisy.mean() - im.clean.mean()))
+    (ex,) = examples
+    im = next(i for i in images if i.image_id == ex.image_id)
+    np.testing.assert_array_equal(ex.clean, make_target(im.clean, cond, 4.0, SEED, im.image_id))
+    clip = build_conditions(cfg, generator_noise(cfg))[0]
+    assert make_target(im.clean, clip, 4.0, SEED, im.image_id) is im.clean

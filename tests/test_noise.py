@@ -14,7 +14,10 @@ from semray.config.base import ConfigError, load_config
 from semray.config.noise import COMPONENTS, NoiseConfig, NoiseParams, NoiseRange
 from semray.noise import (
     EXACT_COUNT_LIMIT,
+    adc_window,
     apply_noise,
+    bandwidth_filter,
+    clean_target,
     counts_to_intensity,
     detector_gain_noise,
     drift_profile,
@@ -381,7 +384,8 @@ def test_params_round_trip_through_columns_with_numpy_scalars() -> None:
     p = sample_params(NoiseConfig(), image_rng(0, "cols"))
     cols = p.as_columns()
     assert all(k.startswith("noise_") for k in cols)
-    assert all(isinstance(v, (bool, int, float)) for v in cols.values())
+    assert all(isinstance(v, (bool, int, float, str)) for v in cols.values())
+    assert cols["noise_adc_window"] == "clip"
     assert cols["noise_dose_e_per_px"] == p.dose_e_per_px
     as_numpy = {k: np.asarray(v)[()] for k, v in cols.items()} | {"clean": None, "noise_seed": 3}
     assert NoiseParams.from_columns(as_numpy) == p
@@ -400,6 +404,11 @@ def test_params_round_trip_through_columns_with_numpy_scalars() -> None:
         ({"charging": {"charging_threshold": 1.5}}, "charging.charging_threshold"),
         ({"drift": {"drift_period": [1, 2]}}, "drift.drift_period"),
         ({"detector_gain": {"enabled": "maybe"}}, "detector_gain.enabled"),
+        ({"bandwidth": {"fast_axis_corr": [0.2, 0.99]}}, "bandwidth.fast_axis_corr"),
+        ({"bandwidth": {"slow_axis_corr": [-0.1, 0.2]}}, "bandwidth.slow_axis_corr"),
+        ({"bandwidth": {"corr": [0, 0.2]}}, "bandwidth.corr"),
+        ({"quantization": {"adc_window": "none"}}, "quantization.adc_window"),
+        ({"quantization": {"adc_headroom_sigma": -1}}, "quantization.adc_headroom_sigma"),
     ],
 )
 def test_config_errors_name_the_field(data: dict, field: str) -> None:
@@ -446,3 +455,184 @@ def test_poisson_small_terminates_for_uniforms_next_to_one() -> None:
     assert n.shape == lam.shape and np.isfinite(n).all()
     # the far tail: well above the mean, yet bounded by the table (< 64) plus a few residual steps
     assert (n >= np.floor(lam)).all() and (n < 64 + 10).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The ADC window: 'headroom' is unbiased at low dose, 'clip' (default) is not
+# ------------------------------------------------------------------------------------------------
+
+LOW_DOSE_LEVELS = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]
+
+
+def _low_dose_params(**changes: object) -> NoiseParams:
+    """Shot + gain + read noise + 8-bit ADC at 2 e-/px, 'headroom' window."""
+    p = _params(
+        "shot",
+        "detector_gain",
+        "read_noise",
+        "quantization",
+        dose_e_per_px=2.0,
+        se_yield_min=0.2,
+        se_yield_max=1.2,
+        detector_gain_cv=0.5,
+        read_noise_sigma=0.01,
+        adc_window="headroom",
+    )
+    return p.replace(**changes)
+
+
+def _level_rows(rows: int, width: int) -> np.ndarray:
+    """``LOW_DOSE_LEVELS`` as bands of ``rows`` rows each: float32 (7 * rows, width)."""
+    return _flat_levels(LOW_DOSE_LEVELS, rows, width)
+
+
+def test_headroom_window_is_unbiased_with_the_stated_variance_at_2_e_per_px() -> None:
+    # 600k pixels per level: the mean's standard error is sigma / sqrt(n) <= 0.84 / 775 = 0.0011, so the
+    # 0.005 bound is 4.6 standard errors; the variance's relative standard error is
+    # sqrt((kurtosis - 1) / n) <= sqrt(6 / 6e5) = 0.3 %, far inside the 5 % bound.
+    p = _low_dose_params()
+    clean = _level_rows(600, 1000)
+    out = apply_noise(clean, p, image_rng(0, "adc")).reshape(len(LOW_DOSE_LEVELS), -1).astype(np.float64)
+    black, white = adc_window(p)
+    assert black < -1.0 and white > 4.0  # 5 sigma of the 2 e-/px noise (0.35 at 0, 0.84 at 1)
+    np.testing.assert_allclose(clean_target(clean, p), (clean - black) / (white - black), rtol=1e-6)
+    intensity = out * (white - black) + black  # back to the clean scale
+    levels = np.asarray(LOW_DOSE_LEVELS)
+    assert np.abs(intensity.mean(axis=1) - levels).max() < 0.005
+    a, b = poisson_gaussian_coefficients(p)
+    step = (white - black) / 255
+    np.testing.assert_allclose(intensity.var(axis=1), a * levels + b + step**2 / 12, rtol=0.05)
+    # on the output scale: mean = clean_target, variance = formula / (white - black)**2
+    target = clean_target(_flat_levels(LOW_DOSE_LEVELS, 1, 1), p).ravel()
+    assert np.abs(out.mean(axis=1) - target).max() < 0.005 / (white - black)
+
+
+def test_clip_window_censors_at_low_dose_as_documented() -> None:
+    """The default 'clip' output: at 2 e-/px the mean is pulled towards 0.5 and the variance shrinks."""
+    p = _low_dose_params(adc_window="clip")
+    clean = _level_rows(100, 1000)
+    out = apply_noise(clean, p, image_rng(0, "adc")).reshape(len(LOW_DOSE_LEVELS), -1).astype(np.float64)
+    bias = out.mean(axis=1) - np.asarray(LOW_DOSE_LEVELS)
+    a, b = poisson_gaussian_coefficients(p)
+    ratio = out.var(axis=1) / (a * np.asarray(LOW_DOSE_LEVELS) + b)
+    assert bias[0] > 0.08 and bias[-1] < -0.25
+    assert ratio[-1] < 0.3 and ratio.max() < 0.6
+    assert adc_window(p) == (0.0, 1.0)
+    np.testing.assert_array_equal(clean_target(clean, p), clean)
+
+
+def test_headroom_window_saturates_only_outside_it() -> None:
+    """With k sigma of headroom, a pixel at intensity 0 saturates with the Gaussian tail probability."""
+    p = _params("read_noise", read_noise_sigma=0.01, adc_window="headroom", adc_headroom_sigma=3.0)
+    black, white = adc_window(p)
+    assert (black, white) == pytest.approx((-0.03, 1.03))
+    clean = _flat_levels([0.0, 0.5, 1.0], 200, 500)
+    out = apply_noise(clean, p, image_rng(0, "sat")).reshape(3, -1)
+    # 100k pixels per level: Phi(-3) = 0.00135, i.e. 135 +- 12 saturated pixels at each end
+    assert np.mean(out[0] == 0.0) == pytest.approx(stats.norm.cdf(-3.0), rel=0.3)
+    assert np.mean(out[2] == 1.0) == pytest.approx(stats.norm.cdf(-3.0), rel=0.3)
+    assert np.all((out[1] > 0) & (out[1] < 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Detector bandwidth: AR(1) noise correlation along x and y
+# ------------------------------------------------------------------------------------------------
+
+
+def _autocorr(f: np.ndarray, lag: int, axis: int) -> float:
+    f = f - f.mean()
+    a = np.moveaxis(f, axis, 0)
+    return float(np.mean(a[lag:] * a[:-lag]) / np.mean(a * a))
+
+
+def test_bandwidth_gives_ar1_correlation_along_both_axes() -> None:
+    # One flat 1024 x 1024 image: Bartlett's formula bounds the standard error of a lag-k autocorrelation
+    # of this AR(1) x AR(1) noise by sqrt(1.6 / n) = 0.0013 (n = 2**20), so 0.01 is over 7 standard errors.
+    rx, ry = 0.6, 0.3
+    p = _params("shot", "detector_gain", "read_noise", dose_e_per_px=50.0, read_noise_sigma=0.01)
+    p = p.replace(bandwidth_enabled=True, fast_axis_corr=rx, slow_axis_corr=ry)
+    out = apply_noise(np.full((1024, 1024), 0.5, np.float32), p, image_rng(0, "bw")).astype(np.float64)
+    for k in (1, 2, 3):
+        assert _autocorr(out, k, axis=1) == pytest.approx(rx**k, abs=0.01), k
+        assert _autocorr(out, k, axis=0) == pytest.approx(ry**k, abs=0.01), k
+    assert _autocorr(out, 1, axis=1) != pytest.approx(_autocorr(out, 1, axis=0), abs=0.1)  # not isotropic
+    a, b = poisson_gaussian_coefficients(p)
+    assert out.var() == pytest.approx(a * 0.5 + b, rel=0.02)  # variance preserved
+    assert out.mean() == pytest.approx(0.5, abs=0.002)
+
+
+def test_bandwidth_keeps_mean_and_variance_at_2_e_per_px() -> None:
+    # Correlation inflates the variance of a mean by (1 + rx) / (1 - rx) * (1 + ry) / (1 - ry) = 4.5, so
+    # the bound on the mean is 5 of its (inflated) standard errors; the variance's error grows as much
+    # and stays under 1 %.
+    rx, ry = 0.5, 0.2
+    p = _low_dose_params(bandwidth_enabled=True, fast_axis_corr=rx, slow_axis_corr=ry)
+    clean = _level_rows(600, 1000)
+    out = apply_noise(clean, p, image_rng(0, "adc")).reshape(len(LOW_DOSE_LEVELS), -1).astype(np.float64)
+    black, white = adc_window(p)
+    intensity = out * (white - black) + black
+    levels = np.asarray(LOW_DOSE_LEVELS)
+    a, b = poisson_gaussian_coefficients(p)
+    sem = np.sqrt((a * levels + b) * (1 + rx) / (1 - rx) * (1 + ry) / (1 - ry) / intensity.shape[1])
+    assert np.all(np.abs(intensity.mean(axis=1) - levels) < 5 * sem)
+    step = (white - black) / 255
+    np.testing.assert_allclose(intensity.var(axis=1), a * levels + b + step**2 / 12, rtol=0.05)
+
+
+def test_bandwidth_filters_the_same_draws_and_moves_no_other_component() -> None:
+    """Bandwidth on: the noise is exactly the filtered noise of bandwidth off (same shot/gain/read draws)."""
+    p = _params("shot", "detector_gain", "read_noise", dose_e_per_px=300.0, read_noise_sigma=0.01)
+    clean = np.full((96, 128), 0.5, np.float32)  # far from 0 and 1: the clip does not act
+    off = apply_noise(clean, p, image_rng(0, "same"))
+    on = apply_noise(
+        clean, p.replace(bandwidth_enabled=True, fast_axis_corr=0.7, slow_axis_corr=0.4), image_rng(0, "same")
+    )
+    filtered, _ = bandwidth_filter(off - clean, 0.7, 0.4)
+    np.testing.assert_allclose(on - clean, filtered, atol=1e-5)
+    zero = apply_noise(
+        clean, p.replace(bandwidth_enabled=True, fast_axis_corr=0.0, slow_axis_corr=0.0), image_rng(0, "same")
+    )
+    np.testing.assert_allclose(zero, off, atol=1e-6)
+    # and the sampled parameters of every other component are unchanged by switching it on
+    cfg = NoiseConfig()
+    cfg.bandwidth.enabled = True
+    a, b = sample_params(NoiseConfig(), image_rng(4, "s")), sample_params(cfg, image_rng(4, "s"))
+    assert a.replace(bandwidth_enabled=True) == b
+
+
+def test_output_does_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every component on, dose high enough that all counts take the (sequential) normal draws, so the
+    # draws are block-independent; the bandwidth filter must carry its state across block boundaries.
+    p = sample_params(NoiseConfig(), image_rng(2, "blocks")).replace(
+        dose_e_per_px=400.0, bandwidth_enabled=True, fast_axis_corr=0.5, slow_axis_corr=0.4
+    )
+    clean = _wafer(300, 170)
+    outs = []
+    for block in (1 << 9, 1 << 12, 1 << 22):
+        monkeypatch.setattr("semray.noise.BLOCK_PIXELS", block)
+        outs.append(apply_noise(clean, p, image_rng(0, "blocks")))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_bandwidth_filter_chained_over_blocks_equals_one_pass() -> None:
+    e = np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32)
+    whole, last = bandwidth_filter(e, 0.6, 0.5)
+    parts, carry = [], None
+    for r0 in range(0, 50, 7):
+        part, carry = bandwidth_filter(e[r0 : r0 + 7], 0.6, 0.5, carry)
+        parts.append(part)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(last, whole[-1])
+    np.testing.assert_allclose(whole[0, 0], e[0, 0], rtol=1e-6)  # stationary start
+    before = e.copy()
+    bandwidth_filter(e, 0.0, 0.5)
+    np.testing.assert_array_equal(e, before)  # input untouched
+
+
+def test_records_without_the_newer_columns_still_load() -> None:
+    cols = sample_params(NoiseConfig(), image_rng(0, "old")).as_columns()
+    newer = ("adc_window", "adc_headroom_sigma", "bandwidth_enabled", "fast_axis_corr", "slow_axis_corr")
+    old = {k: v for k, v in cols.items() if k.removeprefix("noise_") not in newer}
+    p = NoiseParams.from_columns(old)
+    assert p.adc_window == "clip" and not p.bandwidth_enabled and p.fast_axis_corr == 0.0

@@ -8,7 +8,8 @@ training sample in a Parquet shard can be traced back to the physics that made i
 Geometry: the beam scans rows. The **fast-scan axis is x** (columns, numpy ``axis=1``): pixels of one
 row are acquired microseconds apart, so charging tails and line jitter act along it. The **slow-scan
 axis is y** (rows, ``axis=0``): rows are milliseconds apart, so per-line offsets/gains and slow drift
-vary along it.
+vary along it. The detector's bandwidth correlates the noise of neighbouring pixels along x (and,
+weakly, of neighbouring rows): the ``bandwidth`` component.
 
 Units: dose in primary electrons per pixel (e/px); SE yields in secondary electrons detected per
 primary electron; intensities (sigmas, offsets, amplitudes, levels) in the library's ``[0, 1]`` image
@@ -19,7 +20,8 @@ YAML example (every key optional; a range is ``{low: a, high: b}`` or ``[a, b]``
     noise:
       shot: {dose_e_per_px: {low: 5, high: 400, log: true}}
       charging: {enabled: false}
-      quantization: {bit_depth: 12}
+      quantization: {bit_depth: 12, adc_window: headroom}
+      bandwidth: {enabled: true, fast_axis_corr: [0.4, 0.6], slow_axis_corr: [0, 0.05]}
 """
 
 from __future__ import annotations
@@ -42,8 +44,26 @@ COMPONENTS: tuple[str, ...] = (
     "drift",
     "read_noise",
     "quantization",
+    "bandwidth",
 )
-"""Noise components in the order :func:`semray.noise.apply_noise` applies them (physical order)."""
+"""Noise components, in the order of their random streams (child ``i`` of the image's
+:class:`numpy.random.SeedSequence` belongs to component ``i``). New components are appended, so that
+adding one never moves another's draws; the physical order in which :func:`semray.noise.apply_noise`
+applies them is :data:`PHYSICAL_ORDER`."""
+
+PHYSICAL_ORDER: tuple[str, ...] = (
+    "line_jitter",
+    "charging",
+    "shot",
+    "detector_gain",
+    "scan_lines",
+    "drift",
+    "read_noise",
+    "bandwidth",
+    "quantization",
+)
+"""The components in the order :func:`semray.noise.apply_noise` applies them (see its module docs)."""
+
 
 COLUMN_PREFIX = "noise_"
 
@@ -256,9 +276,22 @@ class ChargingConfig(_Component):
 class QuantizationConfig(_Component):
     """Analogue-to-digital conversion at the detector's bit depth, with a brightness/contrast window.
 
-    Intensity ``quant_black_level`` maps to code 0 and ``quant_white_level`` to code ``2**bit_depth - 1``;
-    signals outside saturate. Codes are mapped back to the clean intensity scale, so the output stays
-    aligned with the clean reference and holds at most ``2**bit_depth`` distinct values.
+    ``adc_window`` chooses the output scale (it applies whether or not ``enabled``, which only switches
+    the rounding to ``2**bit_depth`` codes):
+
+    * ``clip`` (default): intensity ``quant_black_level`` maps to code 0 and ``quant_white_level`` to
+      code ``2**bit_depth - 1``; codes are mapped back to the clean intensity scale and the output is
+      clipped to ``[0, 1]``, so it stays aligned with the clean image. The clip censors the noise of
+      every pixel within a few noise sigmas of 0 or 1: at low dose the mean is biased towards 0.5 and
+      the variance is below ``a * I + b`` (at 2 e-/px: mean -0.30 and 0.2x the variance at I = 0.95).
+    * ``headroom``: the window is widened by ``adc_headroom_sigma`` noise standard deviations below
+      the black level and above the white level (the largest expected signal, charging included), and
+      the window maps to ``[0, 1]`` (:func:`semray.noise.adc_window`). Only a signal that really leaves
+      that window saturates, so the mean is unbiased and the variance is ``(a * I + b) / (white -
+      black)**2`` at any dose; the clean image must be mapped to the same scale to serve as the target
+      (:func:`semray.noise.clean_target`, which :func:`semray.data.add_noise_batch` and the evaluation
+      apply). The window, so the image's contrast, depends on each image's noise level, like an
+      operator's brightness/contrast set to fit a noisy histogram.
     """
 
     _bounds: ClassVar[dict[str, tuple[float, float]]] = {
@@ -273,6 +306,19 @@ class QuantizationConfig(_Component):
     quant_white_level: NoiseRange = _r(
         1.0, 1.08, "intensity mapped to the top ADC code (brightness + contrast), in intensity units"
     )
+    adc_window: Literal["clip", "headroom"] = Field(
+        "clip",
+        description="output scale: 'clip' maps codes back to the clean scale and clips to [0, 1] (biased "
+        "at low dose); 'headroom' widens the window by adc_headroom_sigma noise sigmas on each side and "
+        "maps it to [0, 1], unbiased (the clean target must be mapped too: semray.noise.clean_target)",
+    )
+    adc_headroom_sigma: float = Field(
+        5.0,
+        ge=0.0,
+        le=50.0,
+        description="headroom of the 'headroom' window below the black and above the white level, in "
+        "standard deviations of the noise expected there (dimensionless; ignored by 'clip')",
+    )
 
     @model_validator(mode="after")
     def _window_open(self) -> QuantizationConfig:
@@ -284,8 +330,40 @@ class QuantizationConfig(_Component):
         return self
 
 
+class BandwidthConfig(_Component):
+    """Detector/amplifier bandwidth: noise correlated along the fast-scan axis x and between rows.
+
+    The pixel-level fluctuations (shot + detector-gain + read noise: the noisy signal minus its
+    expectation) pass a variance-preserving first-order (one-pole, AR(1)) filter along x with lag-1
+    correlation ``fast_axis_corr``, then one along y with ``slow_axis_corr``: the noise's correlation
+    between pixels ``dx`` columns and ``dy`` rows apart is ``fast_axis_corr**|dx| *
+    slow_axis_corr**|dy|``, while its mean and its variance ``a * I + b`` at each intensity are those of
+    the unfiltered noise (on flat regions; across an edge the variance is a local average). The signal
+    itself is not blurred. Off by default; ``semray calibrate-noise`` measures both coefficients.
+    """
+
+    _bounds: ClassVar[dict[str, tuple[float, float]]] = {
+        "fast_axis_corr": (0.0, 0.95),
+        "slow_axis_corr": (0.0, 0.95),
+    }
+
+    enabled: bool = Field(False, description="apply this component (off: it leaves the image unchanged)")
+    fast_axis_corr: NoiseRange = _r(
+        0.0,
+        0.6,
+        "lag-1 correlation coefficient of the pixel noise along the fast-scan axis x (dimensionless, "
+        "[0, 0.95]; lag k gives corr**k)",
+    )
+    slow_axis_corr: NoiseRange = _r(
+        0.0,
+        0.1,
+        "lag-1 correlation coefficient of the pixel noise between adjacent rows, along y "
+        "(dimensionless, [0, 0.95]; lag k gives corr**k)",
+    )
+
+
 class NoiseConfig(StrictModel):
-    """The full SEM noise model: one sub-config per component, applied in :data:`COMPONENTS` order."""
+    """The full SEM noise model: one sub-config per component, applied in :data:`PHYSICAL_ORDER`."""
 
     line_jitter: LineJitterConfig = Field(
         default_factory=LineJitterConfig, description="horizontal per-row beam jitter (fast axis x)"
@@ -308,6 +386,10 @@ class NoiseConfig(StrictModel):
     )
     quantization: QuantizationConfig = Field(
         default_factory=QuantizationConfig, description="ADC quantisation and brightness/contrast window"
+    )
+    bandwidth: BandwidthConfig = Field(
+        default_factory=BandwidthConfig,
+        description="detector bandwidth: noise correlated along x (fast axis) and between rows (y)",
     )
 
     def only(self, *components: str) -> NoiseConfig:
@@ -356,6 +438,11 @@ class NoiseParams(BaseModel):
     bit_depth: int = Field(ge=1, le=16, description="ADC bits")
     quant_black_level: float = Field(description="intensity at ADC code 0")
     quant_white_level: float = Field(description="intensity at the top ADC code")
+    adc_window: Literal["clip", "headroom"] = Field("clip", description="ADC output scale (see config)")
+    adc_headroom_sigma: float = Field(5.0, ge=0.0, description="headroom of the 'headroom' window, sigmas")
+    bandwidth_enabled: bool = False
+    fast_axis_corr: float = Field(0.0, ge=0.0, le=0.95, description="lag-1 noise correlation along x")
+    slow_axis_corr: float = Field(0.0, ge=0.0, le=0.95, description="lag-1 noise correlation along y")
 
     @model_validator(mode="after")
     def _consistent(self) -> NoiseParams:
@@ -373,12 +460,16 @@ class NoiseParams(BaseModel):
     def from_columns(cls, row: Mapping[str, Any]) -> NoiseParams:
         """Inverse of :meth:`as_columns`; other keys of ``row`` (``clean``, ``noise_seed``, ...) are ignored.
 
-        Accepts numpy scalars (as read back from Parquet).
+        Accepts numpy scalars (as read back from Parquet). A column of a field that has a default (the
+        ADC window mode and the bandwidth fields, added later) may be missing: records written before
+        those fields existed were made without them, which is what the defaults say.
         """
         data = {}
-        for name in cls.model_fields:
+        for name, field in cls.model_fields.items():
             key = f"{COLUMN_PREFIX}{name}"
             if key not in row:
+                if not field.is_required():
+                    continue
                 raise KeyError(f"column {key!r} missing; cannot rebuild NoiseParams")
             v = row[key]
             data[name] = v.item() if isinstance(v, np.generic) else v

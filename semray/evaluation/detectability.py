@@ -6,7 +6,11 @@ place and background exactly and uses the prewhitened matched filter, so its rec
 denoiser + detector can reach on the same images at the same noise level. Its noise is the per-pixel
 Poisson-Gaussian variance ``a * I + b`` of shot, detector-gain and read noise with each image's own
 noise parameters (:func:`semray.evaluation.testset.noise_params`); the scan-line, drift, charging and
-jitter terms only add to the noise, so leaving them out keeps the bound optimistic. At a few counts per
+jitter terms only add to the noise, so leaving them out keeps the bound optimistic. ``a * I + b`` is the
+variance before the ADC: the default ``clip`` window censors it near 0 and 1 at low dose, which only
+removes information, so the bound stays an upper bound; the ``headroom`` window rescales signal and
+noise alike, which leaves ``d'`` unchanged. The detector-bandwidth component (off by default) makes the
+noise correlated, which this white-noise observer does not model. At a few counts per
 pixel the noise is Poisson rather than Gaussian, but the matched filter sums tens of pixels per defect,
 so its output is close to normal (central limit) and ``d'`` is its signal-to-noise ratio.
 

@@ -52,6 +52,7 @@ from semray.evaluation.testset import (
     generator_noise,
     load_test_set,
     make_noisy,
+    make_target,
 )
 
 RESULTS_FILE = "results.parquet"
@@ -224,26 +225,21 @@ def _score_condition(
 
     cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
     noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
-    sigma_true = [
-        float(np.std(n - images[ii].clean.astype(np.float64)))
-        for n, (_, ii) in zip(noisy, cells, strict=True)
-    ]
+    cell_refs, targets = _cell_targets(images, refs, cond, cells, seed, use_ray)
+    sigma_true = [float(np.std(n - t.astype(np.float64))) for n, t in zip(noisy, targets, strict=True)]
     sigma_est = [estimate_noise_sigma(n) for n in noisy]
     for k, (lv, ii) in enumerate(cells):
         if (lv, ii) in shown:
             im = images[ii]
             examples[ii] = Example(
-                im.image_id, im.pattern, lv, cond.level_unit, im.clean, noisy[k], im.defect_mask, {}
+                im.image_id, im.pattern, lv, cond.level_unit, targets[k], noisy[k], im.defect_mask, {}
             )
     rows: list[dict[str, Any]] = []
     for runner in runners:
         bar.set_postfix_str(f"seed {seed}, {cond.name}: {runner.label}")
         outputs = runner.run_many(noisy, sigma_true)
         scores = _metrics_many(
-            [
-                (refs[ii][0], out, refs[ii][1], refs[ii][2])
-                for out, (_, ii) in zip(outputs, cells, strict=True)
-            ],
+            [(c, out, m, r) for out, (c, m, r) in zip(outputs, cell_refs, strict=True)],
             use_ray,
         )
         for k, ((lv, ii), out, sc) in enumerate(zip(cells, outputs, scores, strict=True)):
@@ -260,6 +256,39 @@ def _score_condition(
                 examples[ii].outputs[runner.label] = out
         bar.update(1)
     return rows
+
+
+def _cell_targets(
+    images: Sequence[TestImage],
+    refs: Sequence[tuple[Any, Any, Any]],
+    cond: Condition,
+    cells: Sequence[tuple[float, int]],
+    seed: int,
+    use_ray: bool,
+) -> tuple[list[tuple[Any, Any, Any]], list[np.ndarray]]:
+    """Per cell ``(level, image index)``: the (clean, defect_mask, reference) refs to score against,
+    and the clean target array, both on the scale of that cell's noisy image (:func:`make_target`).
+
+    With the default ADC window these are the images' own (shared) refs; with ``headroom`` the clean
+    image and the reference are rescaled per cell and shipped (under Ray) once each.
+    """
+    out_refs: list[tuple[Any, Any, Any]] = []
+    targets: list[np.ndarray] = []
+    for lv, ii in cells:
+        im = images[ii]
+        target = make_target(im.clean, cond, lv, seed, im.image_id)
+        targets.append(target)
+        if target is im.clean:
+            out_refs.append(refs[ii])
+            continue
+        ref = None if im.reference is None else make_target(im.reference, cond, lv, seed, im.image_id)
+        if use_ray:
+            import ray
+
+            out_refs.append((ray.put(target), refs[ii][1], None if ref is None else ray.put(ref)))
+        else:
+            out_refs.append((target, refs[ii][1], ref))
+    return out_refs, targets
 
 
 def measure_runtimes(

@@ -18,7 +18,7 @@ from semray.config.evaluate import EvaluateConfig, TestSetConfig
 from semray.config.noise import NoiseConfig, NoiseParams
 from semray.data import render_record
 from semray.io import list_shards, read_shard
-from semray.noise import apply_noise, image_rng, sample_params
+from semray.noise import apply_noise, clean_target, image_rng, sample_params
 
 #: Name of the main condition: the generator's own SEM noise model, swept over dose.
 MAIN_CONDITION = "sem"
@@ -164,6 +164,17 @@ def make_noisy(clean: np.ndarray, cond: Condition, level: float, seed: int, imag
         noisy = clean + np.float32(level) * rng.standard_normal(clean.shape, dtype=np.float32)
         return np.clip(noisy, 0.0, 1.0).astype(np.float32, copy=False)
     return apply_noise(clean, noise_params(cond, level, seed, image_id), image_rng(seed, key))
+
+
+def make_target(clean: np.ndarray, cond: Condition, level: float, seed: int, image_id: str) -> np.ndarray:
+    """``clean`` on the scale of :func:`make_noisy`'s output for the same arguments: float32 (H, W).
+
+    ``clean`` itself (the same array) unless ``cond``'s noise uses the ``headroom`` ADC window, where
+    it is :func:`semray.noise.clean_target` with the parameters :func:`make_noisy` used.
+    """
+    if cond.kind == "gaussian" or cond.noise is None or cond.noise.quantization.adc_window == "clip":
+        return clean
+    return clean_target(clean, noise_params(cond, level, seed, image_id))
 
 
 def noise_params(cond: Condition, level: float, seed: int, image_id: str) -> NoiseParams:
