@@ -154,6 +154,9 @@ def build_conditions(cfg: EvaluateConfig, noise: NoiseConfig) -> list[Condition]
 def make_noisy(clean: np.ndarray, cond: Condition, level: float, seed: int, image_id: str) -> np.ndarray:
     """The noisy observation of ``clean`` under ``cond`` at ``level``: float32 (H, W) in [0, 1].
 
+    Score it against :func:`make_target` (``clean`` itself unless the noise uses the ``headroom`` ADC
+    window, whose output is on another scale).
+
     For the physical kinds, the non-dose parameters are drawn once per (image, condition) and held
     fixed across levels, so along a dose sweep only the dose changes; the noise realisation itself is
     drawn from a stream keyed by the level too.
