@@ -11,7 +11,7 @@ from scipy import stats
 from scipy.ndimage import gaussian_filter
 
 from semray.config.base import ConfigError, load_config
-from semray.config.noise import COMPONENTS, NoiseConfig, NoiseParams, NoiseRange
+from semray.config.noise import COMPONENTS, PHYSICAL_ORDER, NoiseConfig, NoiseParams, NoiseRange
 from semray.noise import (
     EXACT_COUNT_LIMIT,
     adc_window,
@@ -636,3 +636,18 @@ def test_records_without_the_newer_columns_still_load() -> None:
     old = {k: v for k, v in cols.items() if k.removeprefix("noise_") not in newer}
     p = NoiseParams.from_columns(old)
     assert p.adc_window == "clip" and not p.bandwidth_enabled and p.fast_axis_corr == 0.0
+
+
+def test_new_components_are_appended_and_off_by_default() -> None:
+    # Stream i of the SeedSequence belongs to COMPONENTS[i]: the first eight must never move.
+    assert COMPONENTS[:8] == (
+        "line_jitter", "charging", "shot", "detector_gain", "scan_lines", "drift", "read_noise", "quantization"
+    )  # fmt: skip
+    assert sorted(PHYSICAL_ORDER) == sorted(COMPONENTS) and len(PHYSICAL_ORDER) == len(COMPONENTS)
+    assert (
+        PHYSICAL_ORDER.index("read_noise")
+        < PHYSICAL_ORDER.index("bandwidth")
+        < PHYSICAL_ORDER.index("quantization")
+    )
+    cfg = NoiseConfig()
+    assert cfg.bandwidth.enabled is False and cfg.quantization.adc_window == "clip"
