@@ -696,10 +696,10 @@ def log_job_to_mlflow(summary: JobSummary, cfg: InferConfig) -> str:
     manifest as artifact. Uses semray's tracking store (``MLFLOW_TRACKING_URI`` when set)."""
     import mlflow
 
-    from semray.tracking import get_or_create_experiment
+    from semray.tracking import get_or_create_experiment, log_params
 
     exp_id = get_or_create_experiment(cfg.experiment)
-    params = {k: ("" if v is None else v) for k, v in flatten(cfg).items()}
+    params = flatten(cfg)
     params.update(
         input=str(summary.input),
         output=str(summary.output),
@@ -714,7 +714,7 @@ def log_job_to_mlflow(summary: JobSummary, cfg: InferConfig) -> str:
         nested=mlflow.active_run() is not None,
     ) as run:
         mlflow.set_tags({"semray.job": "denoise", "semray.method": summary.method})
-        mlflow.log_params(params)
+        log_params(params, run.info.run_id)
         mlflow.log_metrics(
             {
                 "files_total": float(len(summary.rows)),

@@ -16,7 +16,9 @@ runs would vanish with it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def semray_home() -> Path:
@@ -80,3 +82,51 @@ def _experiment_artifacts(name: str) -> str | None:
 def ui_command() -> str:
     """The command a user runs to browse the runs of this store."""
     return f"mlflow ui --backend-store-uri {tracking_uri()}"
+
+
+#: MLflow refuses a param value longer than this (``MAX_PARAM_VAL_LENGTH`` in MLflow 2.x and 3.x).
+MAX_PARAM_CHARS = 6000
+#: MLflow accepts at most this many params per ``log_batch`` request.
+_PARAMS_PER_REQUEST = 100
+_CUT_MARK = "..."
+
+
+def param_value(value: Any) -> str:
+    """The one way semray turns a value into an MLflow param: ``str(value)`` (so ``None`` is ``"None"``,
+    as ``mlflow.log_params`` writes it), and a value longer than :data:`MAX_PARAM_CHARS` (a long YAML list)
+    is cut to that length ending in ``"..."``, so a cut value is visibly cut, never silently shortened."""
+    text = str(value)
+    if len(text) <= MAX_PARAM_CHARS:
+        return text
+    return text[: MAX_PARAM_CHARS - len(_CUT_MARK)] + _CUT_MARK
+
+
+def log_params(
+    params: Mapping[str, Any], run_id: str | None = None, client: Any = None, *, resumed: bool = False
+) -> None:
+    """Log ``params`` to a run: every params write in semray goes through here (see :func:`param_value`).
+
+    Args:
+        params: flat ``{key: value}`` (e.g. :func:`semray.config.base.flatten` of a config).
+        run_id: the run; default the active run of ``mlflow.start_run``.
+        client: an ``MlflowClient`` (Ray workers pass their own); default one on the configured store.
+        resumed: the run already has params (a resumed run). MLflow forbids changing a param, so keys
+            it has are not logged again, and values that changed are recorded as ``resumed.<key>`` tags.
+    """
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_params: no run_id given and no active MLflow run")
+        run_id = active.info.run_id
+    client = client if client is not None else mlflow.MlflowClient()
+    flat = {k: param_value(v) for k, v in params.items()}
+    existing = client.get_run(run_id).data.params if resumed else {}
+    new = [Param(k, v) for k, v in flat.items() if k not in existing]
+    changed = [RunTag(f"resumed.{k}", v) for k, v in flat.items() if k in existing and existing[k] != v]
+    for i in range(0, len(new), _PARAMS_PER_REQUEST):
+        client.log_batch(run_id, params=new[i : i + _PARAMS_PER_REQUEST])
+    if changed:
+        client.log_batch(run_id, tags=changed)

@@ -198,7 +198,7 @@ def _trial_run(
     """Find (on restore) or create the trial's MLflow child run; returns its id."""
     if not ctx.get("tracking_uri"):
         return None
-    from semray.train.mlflow_log import log_params
+    from semray.tracking import log_params
 
     client = _client(ctx["tracking_uri"])
     tags = {TAG_PARENT: ctx["parent_run_id"], TAG_TRIAL: trial_id}
@@ -216,7 +216,7 @@ def _trial_run(
             TAG_VARIANT: variant_name(cfg.model.model_dump()),
         },
     )
-    log_params(client, run.info.run_id, cfg)
+    log_params(flatten(cfg), run.info.run_id, client)
     for k, v in params.items():
         client.set_tag(run.info.run_id, f"tune.{k}", str(v))
     client.log_text(run.info.run_id, dump_yaml(cfg), "config/train.yaml")
@@ -371,7 +371,7 @@ def connect_ray(cfg: TuneConfig, n_files: int = 1) -> int:
 
 def _parent_run(cfg: TuneConfig, name: str, storage: str, resumed: bool) -> tuple[str, str, str]:
     """(tracking URI, experiment id, parent run id): the existing parent run of ``name`` or a new one."""
-    from semray.tracking import configure, get_or_create_experiment
+    from semray.tracking import configure, get_or_create_experiment, log_params
 
     uri = configure()
     exp_id = get_or_create_experiment(cfg.mlflow.experiment)
@@ -391,8 +391,7 @@ def _parent_run(cfg: TuneConfig, name: str, storage: str, resumed: bool) -> tupl
         f"search.{k}": v for k, v in flatten(cfg.model_dump(mode="json", exclude={"base", "space"})).items()
     }
     params.update({f"space.{k}": str(d.model_dump(exclude_none=True)) for k, d in cfg.space.items()})
-    for k, v in params.items():
-        client.log_param(rid, k, str(v)[:6000])
+    log_params(params, rid, client)
     client.log_text(rid, dump_yaml(cfg), "config/tune.yaml")
     return uri, exp_id, rid
 

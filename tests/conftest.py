@@ -1,10 +1,16 @@
-"""Shared fixtures: one local Ray per test session, an isolated MLflow store per test."""
+"""Shared fixtures and helpers: one local Ray per test session, an isolated MLflow store per test, tiny
+shards and models, free ports and a health poll (test modules import the helpers: ``from conftest import``)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +62,74 @@ def _isolated_semray_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ.pop("SEMRAY_HOME", None)
     else:
         os.environ["SEMRAY_HOME"] = old
+
+
+# ------------------------------------------------------------------------ tiny inputs, shared helpers
+
+#: A shard set that renders in about a second: 48x48 px, 8 train + 4 val images, 4 rows per shard.
+TINY_DATA = ["height=48", "width=48", "n_train=8", "n_val=4", "n_test=0", "rows_per_shard=4", "seed=3"]
+
+
+def make_tiny_shards(out: Path, *overrides: str) -> Path:
+    """Render :data:`TINY_DATA` (``overrides`` applied on top, e.g. ``"seed=21"``) into ``out``."""
+    from semray.config.base import load_config
+    from semray.config.data import DatasetConfig
+    from semray.data import synthesize_shards
+
+    synthesize_shards(
+        load_config(DatasetConfig, None, [*TINY_DATA, *overrides]), out, parallel=False, progress=False
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:data:`TINY_DATA` rendered once per test module."""
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny_shards"))
+
+
+def tiny_unet() -> Any:
+    """The smallest U-Net the tests use: 4 base channels, depth 2 (a ``UNetConfig``)."""
+    from semray.config.model import UNetConfig
+
+    return UNetConfig(base_width=4, depth=2)
+
+
+def save_tiny_model(folder: Path, card: dict[str, Any] | None = None, seed: int | None = None) -> Path:
+    """A :func:`tiny_unet` with fresh weights (``torch.manual_seed(seed)`` first when given) saved in the
+    model store format into ``folder``; returns the folder."""
+    import torch
+
+    from semray.models.store import save_model
+    from semray.models.unet import build_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = tiny_unet()
+    return save_model(build_model(cfg), cfg, folder, card or {})
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(url: str, timeout_s: float = 60, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``url`` with GET until it answers 2xx; ``False`` after ``timeout_s`` or once ``proc`` exits.
+
+    Used for the Serve app's ``api/health`` and a test ``mlflow server``'s ``/health``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if 200 <= r.status < 300:
+                    return True
+        except OSError:  # refused while starting up, or a 5xx (HTTPError is an OSError)
+            pass
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False

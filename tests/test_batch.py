@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-import torch
+from conftest import save_tiny_model
 from PIL import Image
 
 from semray import batch
@@ -27,10 +27,7 @@ from semray.batch import (
 )
 from semray.cli import main
 from semray.config.infer import InferConfig
-from semray.config.model import UNetConfig
 from semray.io import sha256_file
-from semray.models.store import save_model
-from semray.models.unet import build_model
 
 TAG = 65000  # a private TIFF tag standing in for vendor metadata
 
@@ -94,9 +91,7 @@ def _read_raw(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = UNetConfig(base_width=4, depth=2)
-    return save_model(build_model(cfg), cfg, tmp_path_factory.mktemp("m") / "tiny", {"version": "3"})
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", {"version": "3"}, seed=0)
 
 
 def _cli(*args: Any) -> int:

@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_shards
 
 from semray.config.base import ConfigError, load_config
-from semray.config.data import DatasetConfig
 from semray.config.train import TrainConfig
-from semray.data import synthesize_shards
 
 #: The shifted domain: per-row offsets ~10x the default range (0-0.02).
 SHIFTED_NOISE = {"scan_lines": {"scan_line_offset_sigma": [0.15, 0.2]}}
@@ -34,17 +33,7 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sites")
     out = {}
     for seed, name in enumerate(SOURCES, start=21):
-        over = [
-            "height=48",
-            "width=48",
-            "n_train=8",
-            "n_val=4",
-            "n_test=0",
-            "rows_per_shard=4",
-            f"seed={seed}",
-        ]
-        synthesize_shards(load_config(DatasetConfig, None, over), root / name, parallel=False, progress=False)
-        out[name] = root / name
+        out[name] = make_tiny_shards(root / name, f"seed={seed}")
     return out
 
 

@@ -16,7 +16,7 @@ from semray.config.loss import LossConfig
 from semray.config.model import UNetConfig
 from semray.config.noise import NoiseConfig
 from semray.config.train import TrainConfig
-from semray.data import add_noise_batch, render_record, synthesize_shards
+from semray.data import add_noise_batch, render_record
 from semray.metrics import psnr
 from semray.selfsup import (
     SelfSupervisedObjective,
@@ -288,16 +288,6 @@ def test_noise2noise_approaches_supervised_on_the_same_data() -> None:
 
 
 # ------------------------------------------------------------------------------ tiny Ray Train runs
-
-TINY_DATA = ["height=48", "width=48", "n_train=8", "n_val=4", "n_test=0", "rows_per_shard=4", "seed=3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config(DatasetConfig, None, TINY_DATA)
-    out = tmp_path_factory.mktemp("selfsup_shards")
-    synthesize_shards(cfg, out, parallel=False, progress=False)
-    return out
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,11 +18,11 @@ import pytest
 import requests
 import tifffile
 import torch
+from conftest import free_port, save_tiny_model, tiny_unet, wait_until_up
 from PIL import Image
 
 from semray.classical import METHODS, denoise_classical
 from semray.config.base import ConfigError, load_config
-from semray.config.model import UNetConfig
 from semray.config.serve import ServeConfig
 from semray.infer import Denoiser
 from semray.io import ImageMeta, read_image
@@ -47,7 +45,7 @@ from semray.serve import (
     validate_model_spec,
 )
 
-TINY = UNetConfig(base_width=4, depth=2)
+TINY = tiny_unet()
 MODEL_NAMES = ("tiny_a", "tiny_b", "tiny_c")
 RNG = np.random.default_rng(7)
 
@@ -260,18 +258,9 @@ def test_cli_parses_and_prints_config(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_models(root: Path, names=MODEL_NAMES) -> Path:
     for i, name in enumerate(names):
-        torch.manual_seed(100 + i)  # different weights, so switching models changes the output
-        save_model(
-            build_model(TINY),
-            TINY,
+        save_tiny_model(  # different weights, so switching models changes the output
             root / name,
             {
                 "name": name,
@@ -279,6 +268,7 @@ def make_models(root: Path, names=MODEL_NAMES) -> Path:
                 "metrics": {"val_psnr": 30.0 + i},
                 "description": f"test {name}",
             },
+            seed=100 + i,
         )
     return root
 
@@ -296,7 +286,7 @@ def server(ray_local, tmp_path_factory):
     # a valid model directory *outside* the models folder: it must never be reachable by name or path
     outside = make_models(tmp_path_factory.mktemp("outside"), names=("secret_model",))
     cfg = ServeConfig(
-        port=_free_port(),
+        port=free_port(),
         models_dir=models,
         include_mlflow=False,
         autoscaling={"min_replicas": 1, "max_replicas": 1},
@@ -305,13 +295,7 @@ def server(ray_local, tmp_path_factory):
         max_image_pixels=300 * 300,
     )
     url = start(cfg)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "api/health", timeout=5).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
+    assert wait_until_up(url + "api/health"), f"the app at {url} did not answer within 60 s"
     yield SimpleNamespace(url=url, models=models, outside=outside, cfg=cfg)
     serve.shutdown()
 

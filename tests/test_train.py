@@ -6,23 +6,21 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, wait_until_up
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semray.config.base import ConfigError, load_config
-from semray.config.data import DatasetConfig
 from semray.config.train import TrainConfig
-from semray.data import add_noise_batch, synthesize_shards
+from semray.data import add_noise_batch
 from semray.io import read_shard
 from semray.models.store import load_model
 from semray.models.unet import build_model
@@ -37,16 +35,6 @@ from semray.train.pipeline import (
 )
 from semray.train.schedule import apply_schedule, beta1, lr_factor
 from semray.train.validate import ValItem, finalize, metric_sums, sums_to_tensor
-
-TINY_DATA = ["height=48", "width=48", "n_train=8", "n_val=4", "n_test=0", "rows_per_shard=4", "seed=3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config(DatasetConfig, None, TINY_DATA)
-    out = tmp_path_factory.mktemp("train_shards")
-    synthesize_shards(cfg, out, parallel=False, progress=False)
-    return out
 
 
 def tiny_config(shards: Path, tmp: Path, **sections: Any) -> TrainConfig:
@@ -487,18 +475,11 @@ def test_resume_continues_a_stopped_run(ddp_run: dict[str, Any], tiny_shards: Pa
     assert again.model_version == "2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A real ``mlflow server`` on loopback with its own SQLite store and proxied artifacts."""
-    import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -508,18 +489,9 @@ def mlflow_server(tmp_path: Path):
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), env=dict(os.environ),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    if not wait_until_up(f"{url}/health", timeout_s=120, proc=proc):
+        proc.kill()
+        pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
     yield url
     proc.terminate()
     try:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import make_tiny_shards
 
 from semray.config.base import ConfigError, dump_yaml, load_config
-from semray.config.data import DatasetConfig
 from semray.config.ingest import IngestConfig
 from semray.config.noise import NoiseConfig
 from semray.config.train import TrainConfig
-from semray.data import add_noise_batch, synthesize_shards
+from semray.data import add_noise_batch
 from semray.ingest import ingest
 from semray.io import read_shard
 from semray.noise import synthesize
@@ -68,10 +68,7 @@ def mix_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ingest(_ingest_cfg(), clean_src, out["real_clean"], parallel=False, progress=False)
     pairs_cfg = _ingest_cfg(mode="pairs", noisy_dir="noisy", clean_dir="clean", label="pairs")
     ingest(pairs_cfg, pair_src, out["real_pairs"], parallel=False, progress=False)
-    synth = ["height=48", "width=48", "n_train=8", "n_val=2", "n_test=0", "rows_per_shard=4", "seed=3"]
-    synthesize_shards(
-        load_config(DatasetConfig, None, synth), out["synthetic"], parallel=False, progress=False
-    )
+    make_tiny_shards(out["synthetic"], "n_val=2")
     for name, folder in out.items():  # the test needs train and val rows in every source
         splits = Counter(
             s for p in folder.rglob("*.parquet") for s in read_shard(p, columns=["split"])["split"]

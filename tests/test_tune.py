@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 from semray.config.base import ConfigError, load_config
 from semray.config.tune import SCORE_METRIC, Dimension, ObjectiveSection, TuneConfig, trial_config
@@ -195,12 +195,6 @@ def test_cli_rejects_a_bad_config_before_any_ray_work(capsys: pytest.CaptureFixt
 # ---------------------------------------------------------------------------- end to end (Ray jobs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _kill_tree_under(marker: str) -> None:
     """SIGKILL every process whose command line mentions ``marker`` (our head's temp dir): the
     raylet's workers, the job driver and the dashboard agents of the head this test started."""
@@ -231,7 +225,7 @@ def _start_head(
     from ray.job_submission import JobSubmissionClient
 
     for attempt in range(attempts):
-        ports = [_free_port() for _ in range(7)]
+        ports = [free_port() for _ in range(7)]
         log.flush()
         start = len((tmp / "head.log").read_text(errors="replace"))
         proc = subprocess.Popen(

@@ -8,17 +8,12 @@ the app, and the page logs no errors. Leaves a screenshot at ``test-artifacts/we
 from __future__ import annotations
 
 import re
-import socket
-import time
 from pathlib import Path
 
 import pytest
-import requests
+from conftest import free_port, save_tiny_model, wait_until_up
 
-from semray.config.model import UNetConfig
 from semray.config.serve import ServeConfig
-from semray.models.store import save_model
-from semray.models.unet import build_model
 from semray.serve import SAMPLES_DIR, samples_index
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -34,39 +29,24 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TIMEOUT_MS = 60_000  # per step; the CI machine's 2 cores are shared
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(ray_local, tmp_path_factory):
-    import torch
     from ray import serve
 
     from semray.serve import start
 
     models = tmp_path_factory.mktemp("web_models")
-    cfg_net = UNetConfig(base_width=4, depth=2)
     for i, name in enumerate(("alpha", "beta")):
-        torch.manual_seed(200 + i)
         card = {"name": name, "version": str(i + 1), "metrics": {"val_psnr": 31.5 + i}}
-        save_model(build_model(cfg_net), cfg_net, models / name, card)
+        save_tiny_model(models / name, card, seed=200 + i)
     cfg = ServeConfig(
-        port=_free_port(),
+        port=free_port(),
         models_dir=models,
         include_mlflow=False,
         autoscaling={"min_replicas": 1, "max_replicas": 1},
     )
     url = start(cfg)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "api/health", timeout=5).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
+    assert wait_until_up(url + "api/health"), f"the app at {url} did not answer within 60 s"
     yield url
     serve.shutdown()
 

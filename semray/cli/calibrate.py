@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 
 
@@ -24,11 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="NoiseConfig YAML to write, e.g. noise.yaml")
     p.add_argument("--json", type=Path, default=None, help="raw estimates (default: OUT with .json)")
     p.add_argument("--figure", type=Path, default=None, help="comparison PNG (default: OUT with .png)")
-    p.add_argument(
-        "--config", type=Path, default=None, help="CalibrationConfig YAML (assumptions; default: built-in)"
-    )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a calibration setting, e.g. --set assumed_detector_gain_cv=0.3")  # fmt: skip
+    add_config_args(p, "CalibrationConfig YAML (assumptions; default: built-in)",
+                    "assumed_detector_gain_cv=0.3", set_help="override a calibration setting")  # fmt: skip
     p.set_defaults(handler=run)
 
 

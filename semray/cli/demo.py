@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 
 
@@ -20,17 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="run the main job end to end: synth -> search -> register -> denoise a lot -> evaluate"
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/demo)")
-    p.add_argument(
-        "--config", type=Path, default=None, help="QuickstartConfig YAML (default: the embedded demo)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set tune.search.num_samples=8 (repeatable)",
-    )
+    add_config_args(p, "QuickstartConfig YAML (default: the embedded demo)", "tune.search.num_samples=8")
     p.add_argument("--force", action="store_true", help="redo every stage, even those done in an earlier run")
     p.set_defaults(handler=run)
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 
 #: CLI flag (argparse dest) -> InferConfig field; flags left unset keep the config file's value.
@@ -49,9 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models-dir", help="extra folder of named models")
     p.add_argument("--method", choices=["unet", "bm3d", "nlm", "bilateral", "gaussian", "median", "tv"],
                    help="denoiser (default unet)")  # fmt: skip
-    p.add_argument("--config", type=Path, help="InferConfig YAML; flags override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set classical_params.h=0.05 (repeatable)")  # fmt: skip
+    add_config_args(p, "InferConfig YAML; flags override it", "classical_params.h=0.05")
     p.add_argument("--force", action="store_true", help="redo files whose verified output exists")
     p.add_argument("--actors", type=int, help="Ray actors (default: one per CPU; 0 = no Ray, in-process)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (fractional allowed)")

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 
 if TYPE_CHECKING:
@@ -22,8 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="compare classical denoisers and models on the test split: tables, figures, report, MLflow",
     )
     what = p.add_mutually_exclusive_group()
-    what.add_argument(
-        "--config", type=Path, default=None, help="EvaluateConfig YAML (default: built-in defaults)"
+    add_config_args(
+        p,
+        "EvaluateConfig YAML (default: built-in defaults)",
+        "methods.classical=[bm3d,tv]",
+        config_group=what,
     )
     what.add_argument(
         "--ablation",
@@ -32,14 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="AblationConfig YAML: train every variant under one budget, then evaluate them",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: out_dir of the config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set methods.classical=[bm3d,tv] (repeatable)",
-    )
     p.add_argument(
         "--ray",
         action="store_true",

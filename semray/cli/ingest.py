@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 from semray.config.ingest import IngestConfig
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder searched recursively for .tif/.tiff/.png, or one file "
                         "(pairs mode with --noisy/--clean: the folder they are relative to; default '.')")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder for shards and summary.json")
-    p.add_argument("--config", type=Path, default=None, help="IngestConfig YAML (default: built-in defaults)")
+    add_config_args(p, "IngestConfig YAML (default: built-in defaults)", "databar.tolerance=0.02")
     p.add_argument("--mode", choices=["clean", "pairs"], default=None,
                    help="clean references only, or matched noisy/clean pairs (implied by --noisy/--clean)")  # fmt: skip
     p.add_argument("--noisy", dest="noisy_dir", default=None, help="pairs: folder of noisy images")
@@ -44,8 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="split seed")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of source images in val")
     p.add_argument("--test-fraction", type=float, default=None, help="fraction of source images in test")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set databar.tolerance=0.02 (repeatable)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--ray", action="store_true", help="read and crop files as a Ray Data pipeline")
     p.set_defaults(handler=run)

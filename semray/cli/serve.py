@@ -13,18 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import dump_yaml, load_config
 from semray.config.serve import ServeConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the interactive denoising app (Ray Serve + web page)")
-    p.add_argument("--config", type=Path, default=None, help="ServeConfig YAML (default: built-in defaults)")
+    add_config_args(p, "ServeConfig YAML (default: built-in defaults)", "autoscaling.max_replicas=4")
     p.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument("--models-dir", type=Path, default=None, help="folder of model directories to offer")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set autoscaling.max_replicas=4 (repeatable)")  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.set_defaults(handler=run)
 

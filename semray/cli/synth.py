@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 from semray.config.data import DatasetConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="render synthetic wafer shards (Parquet) and a preview PNG")
-    p.add_argument(
-        "--config", type=Path, default=None, help="DatasetConfig YAML (default: built-in defaults)"
-    )
+    add_config_args(p, "DatasetConfig YAML (default: built-in defaults)", "n_train=32")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards and preview.png")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set n_train=32 (repeatable)")  # fmt: skip
     p.add_argument("--ray", action="store_true", help="render shards as Ray tasks on a local/attached Ray")
     p.set_defaults(handler=run)
 

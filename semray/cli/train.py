@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 from semray.config.train import TrainConfig
 
@@ -21,11 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the registered model version and the checkpoint folder at the end."
         ),
     )
-    p.add_argument(
-        "--config", type=Path, default=None, help="TrainConfig YAML (e.g. configs/stage3_full.yaml)"
-    )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.epochs=5 (repeatable)")  # fmt: skip
+    add_config_args(p, "TrainConfig YAML (e.g. configs/stage3_full.yaml)", "optim.epochs=5")
     p.add_argument(
         "--resume",
         nargs="?",

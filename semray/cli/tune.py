@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from semray.cli.args import add_config_args
 from semray.config.base import load_config
 from semray.config.train import TrainConfig
 from semray.config.tune import TuneConfig
@@ -22,11 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(same run.name) is resumed."
         ),
     )
-    p.add_argument(
-        "--config", type=Path, default=None, help="TuneConfig YAML (e.g. configs/tune_laptop.yaml)"
-    )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set search.num_samples=4 (repeatable)")  # fmt: skip
+    add_config_args(p, "TuneConfig YAML (e.g. configs/tune_laptop.yaml)", "search.num_samples=4")
     p.add_argument(
         "--resume",
         nargs="?",

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from semray.evaluation.runner import EvaluationResult
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
-#: MLflow caps a param value's length; longer values (long YAML lists) are truncated with a marker.
-_MAX_PARAM_CHARS = 6000
 
 
 def metric_key(metric: str, condition: str, level: float, method: str) -> str:
@@ -50,7 +48,7 @@ def log_evaluation(
     """
     import mlflow
 
-    from semray.tracking import get_or_create_experiment, tracking_uri
+    from semray.tracking import get_or_create_experiment, log_params, tracking_uri
 
     exp_id = get_or_create_experiment(cfg.mlflow.experiment)
     name = cfg.mlflow.run_name or "evaluate-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -61,11 +59,7 @@ def log_evaluation(
             "experiment_id": exp_id,
             "tracking_uri": tracking_uri(),
         }
-        params = {
-            k: (str(v) if len(str(v)) <= _MAX_PARAM_CHARS else str(v)[: _MAX_PARAM_CHARS - 3] + "...")
-            for k, v in flatten(cfg).items()
-        }
-        mlflow.log_params(params)
+        log_params(flatten(cfg), run.info.run_id)
         tags = {
             "semray.kind": "evaluation",
             "semray.methods": ",".join(m["label"] for m in result.meta["methods"]),

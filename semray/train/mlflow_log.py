@@ -20,10 +20,7 @@ import numpy as np
 
 from semray.config.base import dump_yaml, flatten
 from semray.config.train import TrainConfig
-
-#: MLflow accepts at most this many params per log_batch request.
-_PARAMS_PER_REQUEST = 100
-_MAX_PARAM_LEN = 6000
+from semray.tracking import log_params
 
 
 @dataclass
@@ -59,7 +56,7 @@ def start_run(cfg: TrainConfig, run_name: str, tags: dict[str, str]) -> str:
     client = _client()
     run = client.create_run(exp_id, run_name=run_name, tags={"semray.kind": "train", **tags})
     run_id = run.info.run_id
-    log_params(client, run_id, cfg)
+    log_params(flatten(cfg), run_id, client)
     client.log_text(run_id, dump_yaml(cfg), "config/train.yaml")
     return run_id
 
@@ -68,23 +65,8 @@ def reopen_run(cfg: TrainConfig, run_id: str) -> None:
     """Mark a stopped run as running again and record the (possibly changed) config of the resumption."""
     client = _client()
     client.update_run(run_id, status="RUNNING")
-    log_params(client, run_id, cfg, resumed=True)
+    log_params(flatten(cfg), run_id, client, resumed=True)  # changed values become resumed.* tags
     client.log_text(run_id, dump_yaml(cfg), f"config/train-resumed-{int(time.time())}.yaml")
-
-
-def log_params(client: Any, run_id: str, cfg: TrainConfig, resumed: bool = False) -> None:
-    """Flattened config as params. On resume, MLflow forbids changing a param, so changed values are
-    recorded as ``resumed.<key>`` tags instead."""
-    from mlflow.entities import Param, RunTag
-
-    flat = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
-    existing = client.get_run(run_id).data.params if resumed else {}
-    params = [Param(k, v) for k, v in flat.items() if k not in existing]
-    changed = [RunTag(f"resumed.{k}", v) for k, v in flat.items() if k in existing and existing[k] != v]
-    for i in range(0, len(params), _PARAMS_PER_REQUEST):
-        client.log_batch(run_id, params=params[i : i + _PARAMS_PER_REQUEST])
-    if changed:
-        client.log_batch(run_id, tags=changed)
 
 
 def finish_run(run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
