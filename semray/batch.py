@@ -515,14 +515,14 @@ def _ray_pass(
 
 
 class _Progress:
-    """Files done / total and MP/s on stderr (tqdm), fed one manifest row at a time."""
+    """Files done / total and MP/s on the terminal (:func:`semray.logs.progress_bar`), one manifest row at a time."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        from tqdm import tqdm
+        from semray.logs import progress_bar
 
         self.t0 = time.perf_counter()
         self.mpix = 0.0
-        self.bar = tqdm(total=total, unit="file", disable=not enabled, file=sys.stderr, desc="denoise")
+        self.bar = progress_bar(total, "denoise", "file", disable=not enabled)
 
     def update(self, row: dict[str, Any]) -> None:
         if row["status"] == STATUS_OK:

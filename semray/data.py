@@ -93,7 +93,8 @@ def synthesize_shards(
     config is written to ``out_dir/dataset.yaml`` and a summary to ``out_dir/summary.json``.
     """
     import ray
-    from tqdm.auto import tqdm
+
+    from semray.logs import progress_bar
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def synthesize_shards(
     if parallel is None:
         parallel = ray.is_initialized()
     results: list[tuple[Path, int]] = []
-    bar = tqdm(total=len(plan), desc="shards", unit="shard", disable=not progress)
+    bar = progress_bar(len(plan), "shards", "shard", disable=not progress)
     if parallel:
         task = ray.remote(num_cpus=1)(_write_one_shard)
         cfg_ref = ray.put(cfg)

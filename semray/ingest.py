@@ -740,7 +740,8 @@ def ingest(
         IngestError: no image files were found, or ``out_dir`` already holds shards.
     """
     import ray
-    from tqdm.auto import tqdm
+
+    from semray.logs import progress_bar
 
     src, out_dir = Path(src), Path(out_dir)
     sources, skipped, files_seen = discover_sources(src, cfg)
@@ -754,7 +755,7 @@ def ingest(
     summary.files_skipped = len(skipped)
     writer = _ShardWriter(out_dir, cfg.rows_per_shard)
     results = _iter_ray(sources, cfg) if parallel and sources else _iter_local(sources, cfg)
-    bar = tqdm(total=len(sources), desc="sources", unit="file", disable=not progress)
+    bar = progress_bar(len(sources), "sources", "file", disable=not progress)
     for source, result in zip(sources, results, strict=True):
         _account(summary, source, result)
         for row in result.records:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from semray import logs
 from semray.config.base import dump_yaml
 from semray.config.quickstart import LotSection, QuickstartConfig
 
@@ -241,12 +242,14 @@ def _stage_evaluate(cfg: QuickstartConfig, out: Path, model_uri: str) -> dict[st
 
 
 def run_quickstart(
-    cfg: QuickstartConfig, force: bool = False, log: Callable[[str], None] = print
+    cfg: QuickstartConfig, force: bool = False, log: Callable[[str], None] = logs.say
 ) -> QuickstartResult:
     """Run (or finish) the demo in ``cfg.out_dir``; see the module docstring.
 
     Needs a Ray instance (:func:`semray.tune.connect_ray` starts a local one sized for the search when
-    none is running) and uses the current MLflow store (:func:`semray.tracking.configure`).
+    none is running) and uses the current MLflow store (:func:`semray.tracking.configure`). Each stage
+    shows one bar (:func:`semray.logs.stage`); ``log`` takes the other one-line messages (default
+    :func:`semray.logs.say`, the terminal).
     """
     from semray.tracking import configure
     from semray.tune import connect_ray
@@ -275,9 +278,9 @@ def run_quickstart(
             result.reused.append(key)
             result.seconds[key] = 0.0
             return rec
-        log(f"{title} ...")
         t0 = time.perf_counter()
-        rec = {**fn(), "digest": digest}
+        with logs.stage(title):  # one terminal bar per stage
+            rec = {**fn(), "digest": digest}
         result.seconds[key] = round(time.perf_counter() - t0, 1)
         rec["seconds"] = result.seconds[key]
         state[key] = rec

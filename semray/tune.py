@@ -436,9 +436,34 @@ def _build_tuner(
             max_concurrent_trials=None if search_alg is not None else max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1)
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[_trial_bar_callback(cfg.search.num_samples)],
         ),
     )
+
+
+def _trial_bar_callback(total: int) -> Any:
+    """A Tune callback (run on the driver) that counts finished trials on :func:`semray.logs.progress_bar`."""
+    from ray import tune
+
+    from semray.logs import progress_bar
+
+    class TrialBar(tune.Callback):
+        def setup(self, **info: Any) -> None:
+            self.bar = progress_bar(total, "search", "trial")  # here, not in __init__: Tune pickles callbacks
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.bar.close()
+
+    return TrialBar()
 
 
 def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:

@@ -38,3 +38,13 @@ def add_config_args(
         metavar="KEY=VALUE",
         help=f"{set_help}, e.g. --set {set_example} (repeatable)",
     )
+
+
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    """``--verbose``: show Ray's and other libraries' output on the terminal instead of the log file
+    (see :mod:`semray.logs`)."""
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's worker output and library warnings here instead of only in the log file",
+    )

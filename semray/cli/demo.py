@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semray.cli.args import add_config_args
+from semray.cli.args import add_config_args, add_verbose_arg
 from semray.config.base import load_config
 
 
@@ -23,19 +23,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/demo)")
     add_config_args(p, "QuickstartConfig YAML (default: the embedded demo)", "tune.search.num_samples=8")
     p.add_argument("--force", action="store_true", help="redo every stage, even those done in an earlier run")
+    add_verbose_arg(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from semray.config.quickstart import QuickstartConfig
+    from semray.logs import quiet, say
     from semray.quickstart import run_quickstart
     from semray.tracking import tracking_uri
 
     cfg = load_config(QuickstartConfig, args.config, args.overrides)
     if args.out is not None:
         cfg.out_dir = str(args.out)
-    result = run_quickstart(cfg, force=args.force)
-    took = sum(result.seconds.values())
-    print(f"\nstages took {took:.0f} s" + (f" (reused: {', '.join(result.reused)})" if result.reused else ""))
-    print(result.where_to_look(tracking_uri()))
+    with quiet("demo", args.verbose):
+        result = run_quickstart(cfg, force=args.force)
+        took = sum(result.seconds.values())
+        say(
+            f"\nstages took {took:.0f} s"
+            + (f" (reused: {', '.join(result.reused)})" if result.reused else "")
+        )
+        say(result.where_to_look(tracking_uri()))
     return 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from semray.cli.args import add_config_args
+from semray.cli.args import add_config_args, add_verbose_arg
 from semray.config.base import load_config
 
 #: CLI flag (argparse dest) -> InferConfig field; flags left unset keep the config file's value.
@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     track.add_argument("--no-track", dest="track", action="store_const", const=False,
                        help="do not log an MLflow run")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_arg(p)
     p.set_defaults(handler=run, track=None)
 
 
@@ -93,12 +94,14 @@ def build_config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from semray.batch import JobError, run_denoise_job
     from semray.cli import UsageError
+    from semray.logs import quiet
     from semray.models.resolve import ModelNotFoundError
     from semray.models.store import ModelStoreError
 
     cfg = build_config(args)
     try:
-        s = run_denoise_job(args.input, args.output, cfg, progress=not args.no_progress)
+        with quiet("denoise", args.verbose):
+            s = run_denoise_job(args.input, args.output, cfg, progress=not args.no_progress)
     except (JobError, ModelNotFoundError, ModelStoreError) as e:
         raise UsageError(str(e)) from None
     c = s.counts

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from semray.cli.args import add_config_args
+from semray.cli.args import add_config_args, add_verbose_arg
 from semray.config.base import load_config
 from semray.config.train import TrainConfig
 
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="logical CPUs of the local Ray started here (default: the cores, at least the workers' CPUs + 2)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the result summary as JSON here")
+    add_verbose_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -87,12 +88,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = _resolve_config(args)
     import ray
 
+    from semray.logs import quiet, say, stage
     from semray.train import train
 
-    if args.num_cpus is not None and not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
-    result = train(cfg, resume=args.resume is not None)
-    print(result.summary())
+    with quiet("train", args.verbose):
+        if args.num_cpus is not None and not ray.is_initialized():
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        with stage(f"training ({cfg.optim.epochs} epochs)"):
+            result = train(cfg, resume=args.resume is not None)
+        say(result.summary())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.as_dict(), indent=2))

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from semray.cli.args import add_config_args
+from semray.cli.args import add_config_args, add_verbose_arg
 from semray.config.base import load_config
 from semray.config.train import TrainConfig
 from semray.config.tune import TuneConfig
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resume the interrupted search NAME (or run.name from the config); fails if there is none",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the result summary as JSON here")
+    add_verbose_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -46,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     from semray.config.base import dump_yaml
+    from semray.logs import quiet, say, stage
     from semray.tune import run_search
 
-    result = run_search(cfg, resume=True if args.resume is not None else None)
-    print(result.summary())
-    print("best config:")
-    print(dump_yaml(TrainConfig.model_validate(result.best_config)))
+    with quiet("tune", args.verbose), stage(f"search ({cfg.search.num_samples} trials)"):
+        result = run_search(cfg, resume=True if args.resume is not None else None)
+    say(result.summary())
+    say("best config:")
+    say(dump_yaml(TrainConfig.model_validate(result.best_config)))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.as_dict(), indent=2, default=str))

@@ -177,16 +177,13 @@ def evaluate_methods(
         neither is shown to a non-oracle method) and the metric columns; and the visual examples of the
         main condition at ``example_level``.
     """
-    from tqdm.auto import tqdm
+    from semray.logs import progress_bar
 
     example_idx = _pick_examples(images, n_examples) if example_level is not None else []
     examples: dict[int, Example] = {}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=len(seeds) * len(conditions) * len(runners),
-        desc="evaluate",
-        unit="method",
-        disable=not progress,
+    bar = progress_bar(
+        len(seeds) * len(conditions) * len(runners), "evaluate", "method", disable=not progress
     )
     put: Callable[[Any], Any] = _identity
     if use_ray:
