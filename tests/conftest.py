@@ -133,3 +133,41 @@ def wait_until_up(url: str, timeout_s: float = 60, proc: subprocess.Popen | None
             return False
         time.sleep(0.5)
     return False
+
+
+def train_config(base: dict[str, Any], **sections: Any) -> Any:
+    """A ``TrainConfig`` from ``base`` with ``sections`` applied: a dict merges into that section, ``None``
+    removes the section, anything else replaces it."""
+    from semray.config.base import load_config
+    from semray.config.train import TrainConfig
+
+    data = dict(base)
+    for key, val in sections.items():
+        if val is None:
+            data.pop(key, None)
+        else:
+            data[key] = {**data.get(key, {}), **val} if isinstance(val, dict) else val
+    return load_config(TrainConfig, data)
+
+
+def tiny_train_base(shards: Path, tmp: Path) -> dict[str, Any]:
+    """A run that takes seconds per epoch: 4-channel depth-2 U-Net, 32-px crops, 2 steps per epoch on
+    :data:`TINY_DATA`, 2 workers, runs under ``tmp/runs`` (the sections :func:`train_config` takes)."""
+    return {
+        "seed": 5,
+        "data": {"shards": [str(shards)], "crop_px": 32, "crops_per_image": 2, "batch_size": 4,
+                 "val_crop_px": 32, "shuffle_buffer": 8, "noise_batch_images": 4},
+        "model": {"base_width": 4, "depth": 2},
+        "loss": {"kind": "composite", "ms_ssim_scales": 2},
+        "optim": {"epochs": 3, "lr": 5e-3, "warmup_fraction": 0.0},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 0.5},
+        "checkpoint": {"keep_best": 5, "max_failures": 2},
+        "validation": {"figure_every": 0, "figure_images": 2},
+        "mlflow": {"experiment": "test-train", "registered_model": "test-unet", "alias": "candidate"},
+        "run": {"storage_path": str(tmp / "runs")},
+    }  # fmt: skip
+
+
+def tiny_train_config(shards: Path, tmp: Path, **sections: Any) -> Any:
+    """:func:`tiny_train_base` with ``sections`` applied (see :func:`train_config`)."""
+    return train_config(tiny_train_base(shards, tmp), **sections)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_shards
+from conftest import make_tiny_shards, train_config
 
 from semray.config.base import ConfigError, load_config
 from semray.config.train import TrainConfig
@@ -54,9 +54,7 @@ def finetune_config(sites: dict[str, Path], tmp: Path, **sections: Any) -> Train
         "mlflow": {"enabled": False},
         "run": {"storage_path": str(tmp / "runs")},
     }  # fmt: skip
-    for key, val in sections.items():
-        base[key] = {**base.get(key, {}), **val} if isinstance(val, dict) else val
-    return load_config(TrainConfig, base)
+    return train_config(base, **sections)
 
 
 def val_loss_by_source(

@@ -4,11 +4,11 @@ fast-scan axis), the masked loss, Noise2Noise pairs, their pipeline stage, and t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_base, train_config
 
 from semray.config.base import ConfigError, load_config
 from semray.config.data import DatasetConfig
@@ -299,19 +299,17 @@ def test_tiny_ray_train_run_per_objective(
 ) -> None:
     from semray.train import train
 
-    cfg: dict[str, Any] = {
-        "seed": 5,
-        "data": {"shards": [str(tiny_shards)], "crop_px": 32, "crops_per_image": 2, "batch_size": 4,
-                 "val_crop_px": 32, "shuffle_buffer": 8, "noise_batch_images": 4},
-        "model": {"base_width": 4, "depth": 2},
-        "loss": {"kind": "l1", "objective": objective, "mask": {"fraction": 0.05}},
-        "optim": {"epochs": 2, "lr": 5e-3, "warmup_fraction": 0.0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "data_cpus": 0.5},
-        "validation": {"figure_every": 0},
-        "mlflow": {"enabled": False},
-        "run": {"storage_path": str(tmp_path / "runs")},
-    }  # fmt: skip
-    result = train(load_config(TrainConfig, cfg))
+    base = tiny_train_base(tiny_shards, tmp_path)
+    base["loss"] = {"kind": "l1", "objective": objective, "mask": {"fraction": 0.05}}  # replaced, not merged
+    base["mlflow"] = {"enabled": False}
+    cfg = train_config(
+        base,
+        optim={"epochs": 2},
+        scaling={"num_workers": 1},
+        checkpoint=None,
+        validation={"figure_images": 4},
+    )
+    result = train(cfg)
     m = result.last_metrics
     assert m["epoch"] == 1 and m["step"] == 8  # 8 images x 2 crops / batch 4 = 4 steps per epoch
     assert f"train_{objective}_mse" in m and np.isfinite(m["train_loss"])

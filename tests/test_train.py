@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, wait_until_up
+from conftest import free_port, tiny_train_config, wait_until_up
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,25 +36,7 @@ from semray.train.pipeline import (
 from semray.train.schedule import apply_schedule, beta1, lr_factor
 from semray.train.validate import ValItem, finalize, metric_sums, sums_to_tensor
 
-
-def tiny_config(shards: Path, tmp: Path, **sections: Any) -> TrainConfig:
-    """A run that takes seconds per epoch: 4-channel depth-2 U-Net, 32-px crops, 2 steps per epoch."""
-    base: dict[str, Any] = {
-        "seed": 5,
-        "data": {"shards": [str(shards)], "crop_px": 32, "crops_per_image": 2, "batch_size": 4,
-                 "val_crop_px": 32, "shuffle_buffer": 8, "noise_batch_images": 4},
-        "model": {"base_width": 4, "depth": 2},
-        "loss": {"kind": "composite", "ms_ssim_scales": 2},
-        "optim": {"epochs": 3, "lr": 5e-3, "warmup_fraction": 0.0},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 0.5},
-        "checkpoint": {"keep_best": 5, "max_failures": 2},
-        "validation": {"figure_every": 0, "figure_images": 2},
-        "mlflow": {"experiment": "test-train", "registered_model": "test-unet", "alias": "candidate"},
-        "run": {"storage_path": str(tmp / "runs")},
-    }  # fmt: skip
-    for key, val in sections.items():
-        base[key] = {**base.get(key, {}), **val} if isinstance(val, dict) else val
-    return load_config(TrainConfig, base)
+tiny_config = tiny_train_config  # a run that takes seconds per epoch (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------- config

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import make_tiny_shards
+from conftest import make_tiny_shards, train_config
 
 from semray.config.base import ConfigError, dump_yaml, load_config
 from semray.config.ingest import IngestConfig
@@ -100,12 +100,7 @@ def mix_config(folders: dict[str, Path], tmp: Path, **sections: Any) -> TrainCon
         "mlflow": {"experiment": "test-mix", "registered_model": "mix-unet", "alias": "candidate"},
         "run": {"storage_path": str(tmp / "runs")},
     }  # fmt: skip
-    for key, val in sections.items():
-        if val is None:
-            base.pop(key, None)
-        else:
-            base[key] = {**base.get(key, {}), **val} if isinstance(val, dict) else val
-    return load_config(TrainConfig, base)
+    return train_config(base, **sections)
 
 
 def _source_of_ids(data: dict[str, Path]) -> dict[str, str]:
