@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 
     icfg = InferConfig()  # what the benchmarked jobs run with
     record["settings"] = {
-        "tile": icfg.tile,
-        "overlap": icfg.overlap,
-        "batch_size": icfg.batch_size or default_batch_size(resolve_device(icfg.device)),
+        "tile": icfg.tiling.tile,
+        "overlap": icfg.tiling.overlap,
+        "batch_size": icfg.tiling.batch_size or default_batch_size(resolve_device(icfg.device)),
         "channels_last": icfg.channels_last,
         "batchnorm_folded": True,
         "tile_plan": TILE_PLAN,

@@ -537,19 +537,8 @@ class _Progress:
 
 def _pin_model(cfg: InferConfig, model: Any) -> tuple[Denoiser, PinnedModel | None]:
     """Resolve the model once on this process (on CPU, this process's thread count untouched)."""
-    d = Denoiser(
-        cfg.method,
-        model if model is not None else cfg.model,
-        models_dir=cfg.models_dir,
-        tile=cfg.tile,
-        overlap=cfg.overlap,
-        batch_size=cfg.batch_size,
-        device="cpu",
-        keep_bottom_rows=cfg.keep_bottom_rows,
-        amp=cfg.amp,
-        channels_last=False,
-        classical_params=cfg.classical_params,
-    )
+    local = cfg.model_copy(update={"device": "cpu", "channels_last": False, "threads": None})
+    d = Denoiser.from_config(local, model)
     pinned = PinnedModel(d.net, d.name, d.version, d.source) if d.net is not None else None
     return d, pinned
 

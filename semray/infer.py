@@ -366,7 +366,8 @@ class Denoiser:
 
     @classmethod
     def from_config(cls, cfg: InferConfig, model: Any = None, *, actor: bool = False) -> Denoiser:
-        """Build from an :class:`InferConfig`; ``model`` (spec or object) overrides ``cfg.model``.
+        """Build from an :class:`InferConfig`: the one way the batch job, the app and the evaluation make
+        a denoiser. ``model`` (spec or object) overrides ``cfg.model``.
 
         With ``actor=True`` torch threads are ``cfg.torch_threads()`` (the actor's CPU share);
         otherwise only an explicit ``cfg.threads`` changes them.
@@ -375,9 +376,9 @@ class Denoiser:
             cfg.method,
             model if model is not None else cfg.model,
             models_dir=cfg.models_dir,
-            tile=cfg.tile,
-            overlap=cfg.overlap,
-            batch_size=cfg.batch_size,
+            tile=cfg.tiling.tile,
+            overlap=cfg.tiling.overlap,
+            batch_size=cfg.tiling.batch_size,
             device=cfg.device,
             threads=cfg.torch_threads() if actor else cfg.threads,
             keep_bottom_rows=cfg.keep_bottom_rows,

@@ -266,7 +266,9 @@ def ray_job(ray_local: None, model_dir: Path, tmp_path_factory: pytest.TempPathF
     data = make_lot_tree(root / "lots")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        cfg = InferConfig(model=str(model_dir), num_actors=2, tile=32, overlap=8, experiment="lots-test")
+        cfg = InferConfig(
+            model=str(model_dir), num_actors=2, tiling={"tile": 32, "overlap": 8}, experiment="lots-test"
+        )
         fault = FaultInjection(nth=2, marker=str(root / "crashed"))
         summary = run_denoise_job(root / "lots", root / "out", cfg, progress=False, fault=fault)
         yield {"root": root, "data": data, "summary": summary, "cfg": cfg, "marker": root / "crashed"}

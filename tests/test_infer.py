@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tracemalloc
 import typing
 from pathlib import Path
@@ -14,8 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from semray.classical import METHODS, denoise_classical
+from semray.cli.denoise import _FLAG_FIELDS, build_config
 from semray.config.base import ConfigError, load_config
-from semray.config.infer import InferConfig, MethodName
+from semray.config.infer import InferConfig, MethodName, TilingConfig
 from semray.config.model import UNetConfig
 from semray.infer import (
     Denoiser,
@@ -268,11 +270,28 @@ def test_method_names_match_the_classical_module() -> None:
 
 def test_infer_config_rejects_overlap_of_half_a_tile() -> None:
     with pytest.raises(ConfigError, match="overlap"):
-        load_config(InferConfig, {"tile": 64, "overlap": 32})
+        load_config(InferConfig, {"tiling": {"tile": 64, "overlap": 32}})
     with pytest.raises(ConfigError, match="method"):
         load_config(InferConfig, {"method": "wiener"})
     assert InferConfig(cpus_per_actor=2.5).torch_threads() == 2
     assert InferConfig(cpus_per_actor=0.5).torch_threads() == 1
+
+
+def test_tiling_section_is_shared_and_old_flat_keys_name_their_new_place() -> None:
+    from semray.config.serve import ServeConfig
+
+    assert load_config(InferConfig, {"tiling": {"tile": 128}}).tiling == TilingConfig(tile=128)
+    assert ServeConfig().tiling == TilingConfig(tile=512, batch_size=1)  # the app's own defaults
+    for cls in (InferConfig, ServeConfig):
+        with pytest.raises(ConfigError, match=r"'overlap' -> 'tiling.overlap'"):
+            load_config(cls, {"overlap": 16})
+        with pytest.raises(ConfigError, match="overlap"):  # the check is the section's, for both
+            load_config(cls, {"tiling": {"tile": 64, "overlap": 32}})
+    # the CLI flags still work: they now set the section's fields
+    args = argparse.Namespace(config=None, overrides=["tiling.batch_size=2"], force=False)
+    args.__dict__.update(dict.fromkeys(_FLAG_FIELDS))
+    args.tile, args.overlap = 128, 16
+    assert build_config(args).tiling == TilingConfig(tile=128, overlap=16, batch_size=2)
 
 
 def test_denoiser_from_saved_model_and_from_module(tmp_path: Path) -> None:

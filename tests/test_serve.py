@@ -30,19 +30,16 @@ from semray.metrics import compute_metrics
 from semray.models.resolve import resolve_model
 from semray.models.store import save_model
 from semray.models.unet import build_model
-from semray.serve import (
-    SAMPLES_DIR,
+from semray.serve import SAMPLES_DIR, finite_metrics, samples_index, validate_model_spec
+from semray.webimage import (
     RequestError,
     decode_image,
     difference_map,
     display_name,
     encode_image,
-    finite_metrics,
     probe_shape,
     result_filename,
-    samples_index,
     sniff_format,
-    validate_model_spec,
 )
 
 TINY = tiny_unet()
@@ -223,7 +220,8 @@ def test_serve_config_validation_and_autoscaling_dict():
         ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling"),
         ({"port": 70000}, "port"),
         ({"num_cpus_per_replica": 0}, "num_cpus_per_replica"),
-        ({"tile": 64, "overlap": 32}, "overlap"),
+        ({"tiling": {"tile": 64, "overlap": 32}}, "overlap"),
+        ({"tile": 512}, "tiling.tile"),
         ({"max_request_mb": 3}, "max_request_mb"),
     ]:
         with pytest.raises(ConfigError, match=field):
@@ -318,8 +316,7 @@ def expect_error(resp: requests.Response, status: int, words: str = "") -> str:
 def local_denoiser(server, name: str) -> Denoiser:
     torch.set_num_threads(1)
     resolved = resolve_model(name, models_dir=server.models, allow_paths=False)
-    c = server.cfg
-    return Denoiser("unet", resolved, tile=c.tile, overlap=c.overlap, batch_size=c.batch_size, device="cpu")
+    return Denoiser.from_config(server.cfg.infer_config("unet"), resolved)
 
 
 @pytest.mark.ray
@@ -593,9 +590,9 @@ def test_mlflow_registered_models_are_listed_and_served(server, mlflow_store, tm
         assert out["model"]["source"] == "mlflow" and out["model"]["version"] == str(version)
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["result"]["data_b64"]))))
         torch.set_num_threads(1)
-        want = Denoiser(
-            "unet", resolve_model("models:/tiny_reg@champion"), tile=cfg.tile, overlap=cfg.overlap
-        )(img.astype(np.float32) / 255)
+        want = Denoiser.from_config(cfg.infer_config("unet"), resolve_model("models:/tiny_reg@champion"))(
+            img.astype(np.float32) / 255
+        )
         assert np.abs(got.astype(int) - np.rint(want * 255).astype(int)).max() <= 1
         missing = requests.post(
             base + "api/denoise",

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from semray.cli.args import add_config_args, add_verbose_arg
-from semray.config.base import load_config
+from semray.config.base import load_config, set_dotted
 
-#: CLI flag (argparse dest) -> InferConfig field; flags left unset keep the config file's value.
+#: CLI flag (argparse dest) -> InferConfig field (dotted for sections); unset flags keep the file's value.
 _FLAG_FIELDS = {
     "model": "model",
     "models_dir": "models_dir",
@@ -26,9 +26,9 @@ _FLAG_FIELDS = {
     "cpus_per_actor": "cpus_per_actor",
     "gpus_per_actor": "gpus_per_actor",
     "keep_bottom_rows": "keep_bottom_rows",
-    "tile": "tile",
-    "overlap": "overlap",
-    "batch_size": "batch_size",
+    "tile": "tiling.tile",
+    "overlap": "tiling.overlap",
+    "batch_size": "tiling.batch_size",
     "device": "device",
     "threads": "threads",
     "min_side": "min_side",
@@ -79,13 +79,9 @@ def build_config(args: argparse.Namespace) -> Any:
 
     cfg = load_config(InferConfig, args.config, args.overrides)
     data = cfg.model_dump()
-    data.update(
-        {
-            field: getattr(args, dest)
-            for dest, field in _FLAG_FIELDS.items()
-            if getattr(args, dest) is not None
-        }
-    )
+    for dest, field in _FLAG_FIELDS.items():
+        if getattr(args, dest) is not None:
+            set_dotted(data, field, getattr(args, dest))
     if args.force:
         data["force"] = True
     return load_config(InferConfig, data)

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from semray.config.base import StrictModel
+from semray.config.infer import InferConfig, TilingConfig, reject_moved_tiling_keys
 
 
 class AutoscalingSettings(StrictModel):
@@ -112,26 +113,35 @@ class ServeConfig(StrictModel):
         description="Previews returned to the page are down-sampled to at most this side (px).",
     )
     # Larger tiles than the batch job's default: on CPU the overlap is pure extra work, and a
-    # 512 x 512 upload then runs as one tile instead of 3 x 3 tiles of 256 (2.25x the pixels).
-    tile: int = Field(512, ge=32, le=4096, description="Inference tile side for the U-Net (px).")
-    overlap: int = Field(32, ge=0, le=1024, description="Overlap between neighbouring tiles (px).")
-    batch_size: int = Field(
-        1, ge=1, le=256, description="Tiles per forward pass (tiles); 1 keeps a request's memory small."
+    # 512 x 512 upload then runs as one tile instead of 3 x 3 tiles of 256 (2.25x the pixels); one tile
+    # per pass keeps a request's memory small.
+    tiling: TilingConfig = Field(
+        default_factory=lambda: TilingConfig(tile=512, batch_size=1),
+        description="Tiling of the U-Net's inference (see TilingConfig); default tile 512, batch_size 1.",
     )
     request_timeout_s: float = Field(
         300.0, gt=0, le=3600, description="HTTP proxy time limit for one request (s)."
     )
 
-    @model_validator(mode="after")
-    def _check_tiles(self) -> ServeConfig:
-        if self.overlap * 2 >= self.tile:
-            raise ValueError(f"overlap ({self.overlap}) must be less than half the tile ({self.tile})")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_tiling_keys(cls, data: Any) -> Any:
+        return reject_moved_tiling_keys(data)
 
     @property
     def max_request_bytes(self) -> int:
         """``max_request_mib`` in bytes."""
         return int(self.max_request_mib * 1024 * 1024)
+
+    def infer_config(self, method: str = "unet") -> InferConfig:
+        """The engine settings of a replica for ``method``: this config's tiling, on CPU, with
+        ``torch_threads`` threads (the model itself is resolved by the app, never from a path)."""
+        return InferConfig(
+            method=method,
+            tiling=self.tiling,
+            device="cpu",
+            threads=self.torch_threads,
+        )
 
     def serve_autoscaling_config(self) -> dict[str, Any]:
         """The ``autoscaling_config`` dict for ``Deployment.options``."""

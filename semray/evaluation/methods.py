@@ -99,12 +99,11 @@ class ModelRunner:
     oracle = False
 
     def __init__(self, entry: ModelEntry, tile: int | None = None, device: str = "auto") -> None:
+        from semray.config.infer import InferConfig
         from semray.infer import Denoiser
 
-        kwargs: dict[str, Any] = {"method": "unet", "model": entry.spec, "device": device}
-        if tile is not None:
-            kwargs["tile"] = tile
-        self.denoiser = Denoiser(**kwargs)
+        tiling = {"tiling": {"tile": tile}} if tile is not None else {}
+        self.denoiser = Denoiser.from_config(InferConfig(model=entry.spec, device=device, **tiling))
         self.device = str(self.denoiser.device)
         self.spec = entry.spec
         self.name = str(self.denoiser.name)
