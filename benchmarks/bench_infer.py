@@ -162,8 +162,9 @@ def memory_child(src: str, dst: str, threads: int, kind: str) -> None:
 
 
 def activation_child(threads: int, kind: str) -> None:
-    """Fresh process: peak RSS growth of tiled inference on a 512 x 512 image (batches of 4 tiles of
-    256 x 256), i.e. the activation memory, which does not grow with the image size."""
+    """Fresh process: peak RSS growth of tiled inference on a 512 x 512 image (one tile with the default
+    tiling: the largest tile the engine runs), i.e. the activation memory, which does not grow with the
+    image size."""
     import psutil
     import torch
 
@@ -273,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record["model"] = model_desc
     from semray.config.infer import InferConfig
-    from semray.infer import TILE_PLAN, default_batch_size, resolve_device
+    from semray.infer import TILE_PLAN, default_batch_size, default_overlap, resolve_device
 
     icfg = InferConfig()  # what the benchmarked jobs run with
+    net = getattr(model, "model", model)  # a resolved model or a bare network
+    radius, multiple = getattr(net, "receptive_radius", None), int(getattr(net, "multiple", 1))
     record["settings"] = {
         "tile": icfg.tiling.tile,
-        "overlap": icfg.tiling.overlap,
+        "overlap": icfg.tiling.overlap
+        if icfg.tiling.overlap is not None
+        else default_overlap(radius, multiple),
         "batch_size": icfg.tiling.batch_size or default_batch_size(resolve_device(icfg.device)),
         "channels_last": icfg.channels_last,
         "batchnorm_folded": True,

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus_per_replica": args.cpus_per_replica,
             "torch_threads_per_replica": cfg.torch_threads,
             "tile": cfg.tiling.tile,
-            "overlap": cfg.tiling.overlap,
+            "overlap": cfg.tiling.overlap,  # None: from the model's receptive field (104 px, shipped)
             "startup_s": round(startup_s, 1),
             "bounds": {"requests_per_level": args.requests, "time_limit_s_per_level": args.time_limit},
             "levels": levels,

@@ -25,8 +25,9 @@ from semray.infer import (
     axis_windows,
     blend_ramp,
     default_batch_size,
+    default_overlap,
     fold_batchnorm,
-    reflect_index,
+    padded_index,
     tiled_denoise,
     weights_fingerprint,
 )
@@ -92,13 +93,15 @@ NOISY = np.clip(0.5 + 0.2 * np.random.default_rng(0).standard_normal((200, 168))
 # ---- pure tiling maths ----
 
 
-@given(st.integers(1, 200))
-def test_blend_ramp_is_a_partition_of_unity(overlap: int) -> None:
-    r = blend_ramp(overlap)
+@given(st.integers(1, 200), st.one_of(st.none(), st.integers(0, 60)))
+def test_blend_ramp_is_a_partition_of_unity(overlap: int, radius: int | None) -> None:
+    r = blend_ramp(overlap, radius)
     assert r.shape == (overlap,)
     np.testing.assert_allclose(r + r[::-1], 1.0, atol=1e-12)
     assert np.all(np.diff(r) >= 0) and 0.0 <= r.min() and r.max() <= 1.0
-    if overlap >= 8:  # the outer quarter next to a tile edge is not trusted at all
+    if radius is not None and overlap > 2 * radius:  # no pixel a receptive radius from the edge is kept
+        assert r[:radius].max(initial=0.0) == 0.0 and r[radius] > 0.0
+    elif overlap >= 8:  # best effort: the outer quarter next to a tile edge is not trusted at all
         assert r[: overlap // 4].max() == 0.0
 
 
@@ -108,32 +111,32 @@ def test_blend_ramp_is_a_partition_of_unity(overlap: int) -> None:
     tile=st.integers(16, 300),
     frac=st.floats(0.0, 0.49),
     align=st.sampled_from([1, 2, 4, 8, 16]),
+    radius=st.one_of(st.none(), st.integers(0, 40)),
 )
-def test_axis_plan_covers_axis_and_windows_sum_to_one(
-    length: int, tile: int, frac: float, align: int
+def test_axis_plan_covers_padded_axis_exactly_and_windows_sum_to_one(
+    length: int, tile: int, frac: float, align: int, radius: int | None
 ) -> None:
     overlap = int(frac * tile)
+    padded = -(-length // align) * align
     tile_len, starts = axis_plan(length, tile, overlap, align)
     assert tile_len % align == 0 and np.all(starts % align == 0)
-    assert starts[0] == 0 and starts[-1] + tile_len >= length
-    if len(starts) > 1:
-        stride = starts[1] - starts[0]
-        assert np.all(np.diff(starts) == stride) and tile_len - stride >= overlap
-        assert starts[-1] < length  # no tile lies wholly in the padding
-    acc = np.zeros(starts[-1] + tile_len)
-    for s, w in zip(starts, axis_windows(tile_len, starts), strict=True):
-        acc[s : s + tile_len] += w
-    np.testing.assert_allclose(acc[:length], 1.0, atol=1e-6)
-    # balanced: no more tiles than tile-sized ones would need, none larger than the (aligned) request
-    # unless the overlap forces it, and at most `align` px of padding per tile past the border (unless
-    # the tiles already are as small as twice the overlap allows)
+    assert starts[0] == 0 and starts[-1] + tile_len == padded  # never past the once-padded image
     ov = -(-overlap // align) * align
+    overlaps = starts[:-1] + tile_len - starts[1:]
+    if len(starts) > 1:  # at least the overlap asked for, spread evenly; no pixel in 3 tiles
+        assert overlaps.min() >= ov and overlaps.max() - overlaps.min() <= align
+        assert np.all(overlaps[:-1] + overlaps[1:] <= tile_len)
+    acc = np.zeros(padded)
+    for s, w in zip(starts, axis_windows(tile_len, starts, radius), strict=True):
+        acc[s : s + tile_len] += w
+    np.testing.assert_allclose(acc, 1.0, atol=1e-6)
+    # balanced: no more tiles than tile-sized ones would need, none larger than the (aligned) request
+    # unless the overlap forces it
     tile_max = max(tile // align * align, ov + align, 2 * ov)
-    assert tile_len <= max(tile_max, -(-length // align) * align)
-    if len(starts) > 1:
-        assert len(starts) == -(-(length - tile_max) // (tile_max - ov)) + 1
-        if tile_len > max(ov + align, 2 * ov):  # tiles not held up by the 2 x overlap floor
-            assert starts[-1] + tile_len - length < len(starts) * align
+    if tile_len <= tile_max and len(starts) > 1:
+        assert len(starts) == -(-(padded - tile_max) // (tile_max - ov)) + 1
+    if tile_len > tile_max:  # only tiles of about 2 x overlap grow (3+ tiles whose surplus cannot fit)
+        assert tile_max < 3 * ov
 
 
 def test_axis_plan_balances_tiles_instead_of_padding_the_last_one() -> None:
@@ -141,15 +144,22 @@ def test_axis_plan_balances_tiles_instead_of_padding_the_last_one() -> None:
     # 3 x 256 px would reach 192 px past the border
     tile_len, starts = axis_plan(512, 256, 32, 8)
     assert tile_len == 192 and starts.tolist() == [0, 160, 320]
+    # 5 x 232 px with overlap 32 cover 1032 px: the 8 px surplus widens the first overlap to 40
     tile_len, starts = axis_plan(1024, 256, 32, 8)
-    assert tile_len == 232 and starts.tolist() == [0, 200, 400, 600, 800]
+    assert tile_len == 232 and starts.tolist() == [0, 192, 392, 592, 792]
     tile_len, starts = axis_plan(256, 256, 32, 8)
     assert tile_len == 256 and starts.tolist() == [0]
+    # 500 px pads to 504 (a whole pass pads 2 rows above and 2 below); the last tile ends there
+    tile_len, starts = axis_plan(500, 256, 104, 8)
+    assert starts[-1] + tile_len == 504
 
 
-def test_reflect_index_mirrors_without_repeating_the_edge() -> None:
-    np.testing.assert_array_equal(reflect_index(9, 4), [0, 1, 2, 3, 2, 1, 0, 1, 2])
-    np.testing.assert_array_equal(reflect_index(3, 1), [0, 0, 0])
+def test_padded_index_reflects_like_torch_and_replicates_short_axes() -> None:
+    np.testing.assert_array_equal(padded_index(4, 2, 3, "reflect"), [2, 1, 0, 1, 2, 3, 2, 1, 0])
+    np.testing.assert_array_equal(padded_index(1, 1, 2, "replicate"), [0, 0, 0, 0])
+    x = torch.arange(5.0)[None, None]
+    want = torch.nn.functional.pad(x, (3, 4), mode="reflect")[0, 0].long().numpy()
+    np.testing.assert_array_equal(padded_index(5, 3, 4, "reflect"), want)
 
 
 @settings(max_examples=30, deadline=None)
@@ -175,6 +185,53 @@ def test_tiled_output_matches_whole_image_away_from_borders(norm: str) -> None:
     # the same comparison does catch naive tiling: no overlap leaves the zero-padded tile edges in
     naive = tiled_denoise(net, NOISY, tile=64, overlap=0, batch_size=3)
     assert np.abs(naive - whole)[inner].max() > 0.05
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(1, 420),
+    w=st.integers(1, 420),
+    depth=st.sampled_from([1, 2, 3]),
+    upsample=st.sampled_from(["transpose", "bilinear"]),
+    edge_input=st.booleans(),
+    extra_overlap=st.one_of(st.none(), st.integers(0, 40)),
+    extra_tile=st.integers(1, 160),
+    seed=st.integers(0, 3),
+)
+def test_tiled_equals_a_whole_image_pass_within_one_grey_level(
+    h: int,
+    w: int,
+    depth: int,
+    upsample: str,
+    edge_input: bool,
+    extra_overlap: int | None,
+    extra_tile: int,
+    seed: int,
+) -> None:
+    # random small U-Nets (random BatchNorm statistics too) on random shapes, border included; overlaps
+    # at least the one the receptive field needs (None: the engine's default), random tiles above it
+    cfg = UNetConfig(base_width=4, depth=depth, upsample=upsample, edge_input=edge_input)
+    net = visible_unet(cfg, seed=seed, bn_stats=True)
+    img = np.random.default_rng(seed).random((h, w), dtype=np.float32)
+    needed = default_overlap(net.receptive_radius, net.multiple)
+    overlap = None if extra_overlap is None else 2 * net.receptive_radius + 1 + extra_overlap
+    tile = 2 * (overlap or needed) + extra_tile
+    tiled = tiled_denoise(net, img, tile=tile, overlap=overlap, batch_size=2)
+    assert np.abs(tiled - _whole(net, img)).max() <= 1 / 255
+
+
+def test_shipped_model_tiled_equals_its_whole_image_pass() -> None:
+    # the case: 500 x 700 (padded to 504 x 704 like a whole pass), tiles of at most 256 px
+    d = Denoiser("unet", tile=256, device="cpu")
+    assert d.overlap == 104  # 2 x 51 + 1, rounded up to the U-Net's multiple of 8
+    yy, xx = np.mgrid[:500, :700]
+    clean = 0.25 + 0.5 * (((xx // 14) + (yy // 40)) % 2)
+    img = np.clip(np.random.default_rng(3).poisson(clean * 8.0) / 8.0, 0, 1).astype(np.float32)
+    whole = _whole(d.net, img)
+    assert whole.std() > 0.1
+    assert np.abs(d(img) - whole).max() <= 1 / 255
+    # the old default overlap (32) leaves seams: the test can tell
+    assert np.abs(tiled_denoise(d.net, img, tile=256, overlap=32) - whole).max() > 1 / 255
 
 
 def test_constant_image_shows_no_seam_at_tile_boundaries() -> None:
@@ -305,7 +362,10 @@ def test_denoiser_from_saved_model_and_from_module(tmp_path: Path) -> None:
     assert m.name == "custom" and m.version == weights_fingerprint(net)
     assert m.version != weights_fingerprint(visible_unet(cfg, seed=1))
     assert d.settings != Denoiser(model=net, tile=128, overlap=16, device="cpu").settings
-    assert d.settings["tile_plan"] == "balanced-1"  # outputs of an older tile layout are not reused
+    assert d.settings["tile_plan"] == "aligned-2"  # outputs of an older tile layout are not reused
+    assert m.overlap == default_overlap(net.receptive_radius, net.multiple) == m.settings["overlap"]
+    small = Denoiser(model=net, tile=32, device="cpu")  # the default overlap grows tiles, never fails
+    assert small.overlap > 16 and small(NOISY).shape == NOISY.shape
     assert d.batch_size == default_batch_size(torch.device("cpu")) == 1
     assert Denoiser(model=net, batch_size=3, device="cpu").batch_size == 3
     assert default_batch_size(torch.device("cuda")) == 4

@@ -10,6 +10,7 @@ from semray.config.loss import LossConfig
 from semray.config.model import UNetConfig
 from semray.losses import build_loss
 from semray.models import UNet, build_model, count_parameters, flops_per_megapixel
+from semray.models.unet import receptive_radius
 
 SMALL = {"base_width": 4, "max_width": 16}  # tiny widths keep the tests fast on shared CPUs
 
@@ -165,3 +166,34 @@ def test_model_config_rejects_bad_values_naming_the_field(data, field):
 
 def test_widths_double_then_cap():
     assert UNetConfig(depth=4, base_width=16, max_width=64).widths() == [16, 32, 64, 64, 64]
+
+
+@pytest.mark.parametrize(
+    "kw, radius",
+    [
+        ({"depth": 1}, 9),
+        ({"depth": 2, "upsample": "bilinear"}, 26),
+        ({"depth": 3}, 51),  # the shipped model's architecture
+        ({"depth": 3, "edge_input": True}, 52),
+    ],
+)
+def test_receptive_radius_is_the_exact_reach_of_an_output_pixel(kw, radius):
+    cfg = UNetConfig(base_width=4, norm="none", **kw)
+    # depth 1 by hand, output pixel 0: decoder block [-2, 2], transposed conv to level 1 [-1, 1],
+    # bottleneck block [-3, 3], max pool back to level 0 [-6, 7], encoder block [-8, 9]: 9 px
+    assert receptive_radius(cfg) == radius
+    torch.manual_seed(0)
+    net = UNet(cfg).train()  # train mode: no output clamp, so every dependency has a gradient
+    with torch.no_grad():  # positive biases keep ReLUs open, so no dependency hides behind a zero
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) and m.bias is not None:
+                m.bias.uniform_(0.1, 0.2)
+    reach = 0
+    for p in range(net.multiple):  # every position on the down-sampling grid
+        x = torch.rand(1, 1, 256, 256, requires_grad=True)
+        c = 128 + p
+        net(x)[0, 0, c, c].backward()
+        rows = torch.nonzero(x.grad[0, 0].abs().sum(1) > 0)[:, 0]
+        reach = max(reach, c - int(rows.min()), int(rows.max()) - c)
+    # the computed radius is never exceeded (sound) and is reached at some grid position (tight)
+    assert reach == radius

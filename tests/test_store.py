@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from semray.config.model import UNetConfig
-from semray.models import ModelStoreError, build_model, count_parameters, load_model, read_card, save_model
+from semray.models import (
+    ModelStoreError,
+    UNet,
+    build_model,
+    count_parameters,
+    load_model,
+    read_card,
+    save_model,
+)
+from semray.models.unet import receptive_radius
 
 CFG = UNetConfig(base_width=4, max_width=16, depth=2)
 
@@ -131,3 +140,25 @@ def test_weights_that_do_not_fit_the_config_are_refused(saved):
 def test_missing_directory(tmp_path: Path):
     with pytest.raises(ModelStoreError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_card_records_the_receptive_field_and_checks_it(saved):
+    _, out = saved
+    card = json.loads((out / "card.json").read_text())
+    assert card["receptive_radius_px"] == receptive_radius(CFG) == UNet(CFG).receptive_radius
+    del card["receptive_radius_px"]  # a card written before the field existed: filled in on load
+    (out / "card.json").write_text(json.dumps(card))
+    assert load_model(out)[1]["receptive_radius_px"] == receptive_radius(CFG)
+    card["receptive_radius_px"] = 7
+    (out / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelStoreError, match=r"card\.json: receptive_radius_px 7 does not match"):
+        load_model(out)
+
+
+def test_shipped_card_records_its_receptive_field():
+    from semray.models.resolve import SHIPPED_MODELS_DIR
+
+    card = read_card(SHIPPED_MODELS_DIR / "default")
+    assert (
+        card["receptive_radius_px"] == receptive_radius(UNetConfig.model_validate(card["model_config"])) == 51
+    )

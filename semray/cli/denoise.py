@@ -56,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (fractional allowed)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractional allowed)")
     p.add_argument("--keep-bottom-rows", type=int, help="leave this many bottom rows (data bar) untouched")
-    p.add_argument("--tile", type=int, help="tile side in pixels (default 256)")
-    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default 32)")
+    p.add_argument("--tile", type=int, help="largest tile side in pixels (default 512)")
+    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: from the model's "
+                   "receptive field, 104 for the shipped model; tiled == whole-image output)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 1 on CPU, 4 on GPU)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per actor/process")

@@ -112,12 +112,10 @@ class ServeConfig(StrictModel):
         le=16384,
         description="Previews returned to the page are down-sampled to at most this side (px).",
     )
-    # Larger tiles than the batch job's default: on CPU the overlap is pure extra work, and a
-    # 512 x 512 upload then runs as one tile instead of 3 x 3 tiles of 256 (2.25x the pixels); one tile
-    # per pass keeps a request's memory small.
+    # One tile per pass keeps a request's memory small (also on a GPU, where the engine would take 4).
     tiling: TilingConfig = Field(
-        default_factory=lambda: TilingConfig(tile=512, batch_size=1),
-        description="Tiling of the U-Net's inference (see TilingConfig); default tile 512, batch_size 1.",
+        default_factory=lambda: TilingConfig(batch_size=1),
+        description="Tiling of the U-Net's inference (see TilingConfig); default batch_size 1.",
     )
     request_timeout_s: float = Field(
         300.0, gt=0, le=3600, description="HTTP proxy time limit for one request (s)."

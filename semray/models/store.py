@@ -23,7 +23,7 @@ from torch import nn
 from semray import __version__
 from semray.config.base import ConfigError, load_config
 from semray.config.model import UNetConfig
-from semray.models.unet import build_model, count_parameters
+from semray.models.unet import build_model, count_parameters, receptive_radius
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -55,7 +55,8 @@ def save_model(
 
     ``card`` may carry ``name``, ``version``, ``training`` (a JSON-able summary of the training config),
     ``metrics`` (name -> float) and any other JSON-able keys. The store fills in ``format``,
-    ``model_config``, ``param_count``, ``semray_version``, ``created`` (UTC ISO 8601, unless given),
+    ``model_config``, ``param_count``, ``receptive_radius_px`` (how far an output pixel sees, from which
+    the tiled engine's default overlap follows), ``semray_version``, ``created`` (UTC ISO 8601, unless given),
     ``weights_file`` and ``weights_sha256``, overriding any caller values for those computed keys.
     Files are written via a temporary name and renamed, so a crash never leaves a half-written file
     under the final name.
@@ -78,6 +79,7 @@ def save_model(
         format=CARD_FORMAT,
         model_config=cfg.model_dump(mode="json"),
         param_count=count_parameters(model),
+        receptive_radius_px=receptive_radius(cfg),
         semray_version=__version__,
         weights_file=WEIGHTS_FILE,
         weights_sha256=_sha256(out / WEIGHTS_FILE),
@@ -118,7 +120,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     ``path`` is the directory or any file inside it. Raises :class:`ModelStoreError` naming the file
     when the card or weights are missing, unparsable, fail the sha256 check, hold an invalid model
-    config, or do not match the network the config describes.
+    config, a ``receptive_radius_px`` other than the config's, or do not match the network the config
+    describes. A card without ``receptive_radius_px`` (written before it was recorded) gets it filled in.
     """
     root = _model_dir(path)
     card = read_card(root)
@@ -139,6 +142,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelStoreError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    radius = receptive_radius(cfg)
+    if card.setdefault("receptive_radius_px", radius) != radius:  # cards before it was recorded: filled in
+        raise ModelStoreError(
+            f"{card_path}: receptive_radius_px {card['receptive_radius_px']!r} does not match its "
+            f"model_config ({radius} px)"
+        )
     model = build_model(cfg)
     try:
         model.load_state_dict(state, strict=True)

@@ -61,6 +61,62 @@ def sobel_magnitude(x: Tensor) -> Tensor:
     return kornia.filters.sobel(x, normalized=True, eps=1e-6)
 
 
+def align_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int, str]:
+    """How an (h, w) image is padded to multiples of ``multiple``: ``(top, bottom, left, right, mode)``.
+
+    The padding is split evenly (the extra pixel, if any, at the bottom/right) and is ``"reflect"``
+    (mirror without repeating the edge: keeps local statistics, no artificial dark frame) where every
+    pad is shorter than the side it mirrors, else ``"replicate"``. The U-Net pads its input this way, and
+    the tiled engine pads the whole image the same way once, so tiles see what a whole pass sees.
+    """
+    ph, pw = (-h) % multiple, (-w) % multiple
+    top, left = ph // 2, pw // 2
+    bottom, right = ph - top, pw - left
+    mode = "reflect" if max(left, right) < w and max(top, bottom) < h else "replicate"
+    return top, bottom, left, right, mode
+
+
+def receptive_radius(cfg: UNetConfig) -> int:
+    """Receptive-field radius of the U-Net a config describes (pixels, exact, not an estimate).
+
+    An output pixel depends on input pixels at most this far from it along each axis, and exactly that
+    far for some pixel positions; pixels closer than this to a tile edge therefore see the tile's zero
+    padding instead of the image. Computed by walking an interval of positions back through the
+    network: each 3x3 conv widens it by 1 px per side at its level, a 2x2 max pool maps level-(l+1)
+    positions ``[a, b]`` to level-l ``[2a, 2b + 1]``, a 2x2 stride-2 transposed conv maps level-l
+    ``[a, b]`` to level-(l+1) ``[a // 2, b // 2]``, a bilinear 2x up-sampling to
+    ``[floor(a/2 - 1/4), floor(b/2 - 1/4) + 1]``, the Sobel edge input adds 1 px and 1x1 convs nothing;
+    the radius is the largest reach over the ``2**depth`` positions of the down-sampling grid. Example:
+    depth 3, two 3x3 convs per block, transposed up-sampling (the shipped model): 51 px.
+    """
+    per_block = 2  # 3x3 convs per _ConvBlock, each widening the interval by 1 px at its level
+
+    def up(a: int, b: int) -> tuple[int, int]:
+        if cfg.upsample == "transpose":
+            return a // 2, b // 2
+        return math.floor(a / 2 - 0.25), math.floor(b / 2 - 0.25) + 1
+
+    def encoder(level: int, a: int, b: int) -> tuple[int, int]:
+        a, b = a - per_block, b + per_block
+        if level == 0:
+            edge = int(cfg.edge_input)
+            return a - edge, b + edge
+        return encoder(level - 1, 2 * a, 2 * b + 1)
+
+    def decoder(level: int, a: int, b: int) -> tuple[int, int]:
+        if level == cfg.depth:  # the bottleneck is the deepest encoder block
+            return encoder(level, a, b)
+        a, b = a - per_block, b + per_block
+        (a1, b1), (a2, b2) = encoder(level, a, b), decoder(level + 1, *up(a, b))
+        return min(a1, a2), max(b1, b2)
+
+    reach = 0
+    for p in range(2**cfg.depth):
+        a, b = decoder(0, p, p)
+        reach = max(reach, p - a, b - p)
+    return reach
+
+
 class UNet(nn.Module):
     """U-Net denoiser built from a :class:`~semray.config.model.UNetConfig`.
 
@@ -93,15 +149,17 @@ class UNet(nn.Module):
         """Spatial sizes the core network accepts are multiples of this (pixels)."""
         return 2**self.cfg.depth
 
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels an output pixel sees on each side of it; see :func:`receptive_radius`."""
+        return receptive_radius(self.cfg)
+
     def _pad(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
         h, w = x.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
-        if ph == 0 and pw == 0:
+        top, bottom, left, right, mode = align_padding(h, w, self.multiple)
+        pads = (left, right, top, bottom)
+        if top == bottom == left == right == 0:
             return x, pads
-        # reflect keeps local statistics at the border (no artificial dark frame); it needs pad < size
-        mode = "reflect" if max(pads[0], pads[1]) < w and max(pads[2], pads[3]) < h else "replicate"
         return F.pad(x, pads, mode=mode), pads
 
     def forward(self, x: Tensor) -> Tensor:
