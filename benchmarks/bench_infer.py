@@ -109,7 +109,9 @@ def bench_throughput(model: Any, n_images: int, size: int, repeats: int) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         make_lot(Path(tmp) / "lots", n_images, size)
         for n_actors in (1, 2):
-            cfg = InferConfig(num_actors=n_actors, cpus_per_actor=1, threads=1, force=True, track=False)
+            cfg = InferConfig(
+                num_actors=n_actors, executor="ray", cpus_per_actor=1, threads=1, force=True, track=False
+            )
             proc, job, per_file = [], [], []
             for _ in range(repeats):
                 s = run_denoise_job(

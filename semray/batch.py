@@ -1,20 +1,29 @@
-"""Batch denoising of wafer lots: a Ray Data actor pool, a manifest, resume, and nothing lost.
+"""Batch denoising of wafer lots: in this process or on a Ray Data actor pool, a manifest, resume, and
+nothing lost.
 
-``run_denoise_job(INPUT, OUTPUT, cfg)`` denoises every ``.tif``/``.tiff``/``.png`` under ``INPUT``
-(``<lot>/<wafer>/<image>``, any depth) into the same relative path under ``OUTPUT`` (same name,
-format, dtype, shape and TIFF tags; written atomically by :func:`semray.io.write_image`) and writes
-``OUTPUT/manifest.parquet`` with exactly one row per input file (:data:`MANIFEST_SCHEMA`).
+``run_denoise_job(INPUT, OUTPUT, cfg)`` denoises every image (:data:`semray.io.IMAGE_SUFFIXES`) under
+``INPUT`` (``<lot>/<wafer>/<image>``, any depth) into the same relative path under ``OUTPUT`` (same
+name, format, dtype, shape, channels, pages and tags; written atomically by
+:func:`semray.io.write_pages`) and writes ``OUTPUT/manifest.parquet`` with exactly one row per input
+file (:data:`MANIFEST_SCHEMA`). What happens to one file (pages, layout, data bar) is
+:func:`semray.batchfile.process_file`, the one code path both executors run.
 
-Guarantees:
+Executors (:func:`choose_executor`): a job of at most ``local_max_megapixels`` (all pages, read from
+the file headers), a single file, or ``num_actors=0`` runs in this process, because for a small lot
+Ray's start-up and actor spin-up take longer than the denoising; a larger job runs on a Ray actor pool
+(on the Ray this process is attached to, else a local one). ``executor`` forces either.
+
+Guarantees (the same for both executors):
 
 * **Nothing lost.** Each file is processed inside its own ``try``: an unreadable, empty, truncated,
-  foreign, multi-channel or oversized file becomes a ``failed`` row with the reason, and the job goes
-  on. A worker process that dies (segfault, OOM kill) is restarted by Ray and the file retried
-  (``actor_max_restarts`` / ``task_max_retries``); files that still have no row after the pass are
-  re-queued once in a reconciliation pass, and a file that kills its worker every time is recorded as
-  ``failed`` with that reason. The job checks ``rows == input files`` before writing the manifest.
+  foreign, true colour or oversized file, or one with a page that fails, becomes a ``failed`` row with
+  the reason, and the job goes on. A worker process that dies (segfault, OOM kill) is restarted by Ray
+  and the file retried (``actor_max_restarts`` / ``task_max_retries``); files that still have no row
+  after the pass are re-queued once in a reconciliation pass, and a file that kills its worker every
+  time is recorded as ``failed`` with that reason. The job checks ``rows == input files`` before
+  writing the manifest; ``pages`` counts each file's pages, all of which are written back.
 * **Resume.** A file is ``skipped`` when the previous manifest has it as ``ok``/``skipped`` with the
-  same input sha256 and the same denoiser settings (method, model name and version, tiling, data bar:
+  same input sha256 and the same settings (method, model name and version, tiling, data-bar policy:
   ``settings_sha256``) and the output file still has the recorded sha256. ``force`` redoes everything.
 * **Tiny images** (e.g. 7 x 5) are denoised: the engine reflect-pads them to one tile. Set
   ``min_side`` to fail implausibly small images instead. Images over ``max_pixels`` are failed.
@@ -28,8 +37,6 @@ counts, throughput and the manifest (see :func:`log_job_to_mlflow`).
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import inspect
 import json
 import os
@@ -49,56 +56,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semray import __version__
+from semray.batchfile import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    FileOptions,
+    InputFile,
+    file_settings,
+    lost_file_row,
+    process_file,
+    settings_sha256,
+)
 from semray.config.base import flatten
 from semray.config.infer import InferConfig
 from semray.infer import Denoiser
-from semray.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, sha256_file, write_image
+from semray.io import IMAGE_SUFFIXES, list_images, pixel_count
 
 MANIFEST_FILE = "manifest.parquet"
-STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
-
-#: One row per input file. Strings are "" rather than null where a value does not apply.
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("lot", pa.string()),  # first folder under INPUT ("" for files at the top level)
-        pa.field("wafer", pa.string()),  # second folder ("" when the file sits directly in a lot)
-        pa.field("rel_path", pa.string()),  # path relative to INPUT (and OUTPUT), POSIX separators
-        pa.field("status", pa.string()),  # ok | failed | skipped
-        pa.field("error", pa.string()),  # why a file failed ("" otherwise)
-        pa.field("input_sha256", pa.string()),
-        pa.field("output_sha256", pa.string()),
-        pa.field("shape", pa.list_(pa.int64())),  # [H, W] in pixels; null when unreadable
-        pa.field("dtype", pa.string()),  # uint8 | uint16 | float32 | float64 (input = output)
-        pa.field("format", pa.string()),  # png | tiff
-        pa.field("megapixels", pa.float64()),  # H * W / 1e6
-        pa.field("model_name", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("model_source", pa.string()),  # shipped | local | mlflow | object | classical
-        pa.field("method", pa.string()),  # unet | bm3d | nlm | bilateral | gaussian | median | tv
-        pa.field("settings_sha256", pa.string()),  # hash of everything that shapes the output
-        pa.field("runtime_s", pa.float64()),  # wall seconds spent on this file (read to hashed output)
-        pa.field("noise_sigma_in", pa.float64()),  # estimate_noise_sigma of the input, [0, 1] units
-        pa.field("noise_sigma_out", pa.float64()),  # same for the output
-        pa.field("worker", pa.string()),  # host:pid that produced the row
-        pa.field("finished_at", pa.string()),  # UTC ISO 8601, milliseconds
-    ]
-)
-MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
 class JobError(ValueError):
     """The job cannot start (bad INPUT/OUTPUT); the message says what to change."""
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One input image and where its output goes (absolute paths, POSIX ``rel_path``)."""
-
-    path: str
-    rel_path: str
-    out_path: str
-    lot: str = ""
-    wafer: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,11 +179,6 @@ def plan_inputs(input_path: str | Path, output_path: str | Path) -> tuple[list[I
     return files, False
 
 
-def settings_sha256(settings: dict[str, Any]) -> str:
-    """Hash of the denoiser settings that determine an output (key for resume)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest written by a job (one row per input file)."""
     return pq.read_table(path).to_pandas()
@@ -220,161 +195,6 @@ def previous_rows(output_dir: str | Path) -> dict[str, dict[str, Any]]:
         print(f"semray denoise: ignoring unreadable previous manifest {path}: {e}", file=sys.stderr)
         return {}
     return {r["rel_path"]: r for r in table.to_pylist()}
-
-
-# --------------------------------------------------------------------------------------------------
-# one file
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileOptions:
-    """Per-file policy shared by the direct and the Ray path."""
-
-    min_side: int = 1
-    max_pixels: int = 16384 * 16384
-    noise_estimate: bool = True
-    force: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: InferConfig) -> FileOptions:
-        return cls(cfg.min_side, cfg.max_pixels, cfg.noise_estimate, cfg.force)
-
-
-def _empty_row(item: InputFile, denoiser: Denoiser, settings_sha: str) -> dict[str, Any]:
-    return {
-        "lot": item.lot,
-        "wafer": item.wafer,
-        "rel_path": item.rel_path,
-        "status": STATUS_FAILED,
-        "error": "",
-        "input_sha256": "",
-        "output_sha256": "",
-        "shape": None,
-        "dtype": "",
-        "format": "",
-        "megapixels": None,
-        "model_name": denoiser.name,
-        "model_version": denoiser.version,
-        "model_source": denoiser.source,
-        "method": denoiser.method,
-        "settings_sha256": settings_sha,
-        "runtime_s": None,
-        "noise_sigma_in": None,
-        "noise_sigma_out": None,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "finished_at": "",
-    }
-
-
-#: Side of the crops the noise of a large image is estimated on (pixels), and how many at most.
-_NOISE_CROP, _NOISE_CROPS = 1024, 4
-
-
-def noise_estimate(image: np.ndarray) -> float | None:
-    """No-reference noise std of float32 (H, W) [0, 1] ``image`` ([0, 1] units), or ``None`` if too small.
-
-    Images larger than 1024 x 1024 are measured on up to 4 crops of 1024 x 1024 spread along the
-    diagonal (median of the crops' estimates): the wavelet estimator works in float64 with a copy per
-    subband, which for 8192 x 8192 would cost over 1 GB, while ~4 M coefficients already pin the median
-    down far below the noise levels that matter.
-    """
-    from semray.classical import estimate_noise_sigma
-
-    h, w = image.shape
-    try:
-        if h * w <= _NOISE_CROP * _NOISE_CROP:
-            return float(estimate_noise_sigma(image))
-        ch, cw = min(h, _NOISE_CROP), min(w, _NOISE_CROP)
-        n = min(_NOISE_CROPS, max(h // ch, w // cw))
-        ys = np.linspace(0, h - ch, n).astype(int)
-        xs = np.linspace(0, w - cw, n).astype(int)
-        return float(
-            np.median(
-                [estimate_noise_sigma(image[y : y + ch, x : x + cw]) for y, x in zip(ys, xs, strict=True)]
-            )
-        )
-    except Exception:  # too small to estimate: the manifest says null rather than failing the file
-        return None
-
-
-def _verified_previous(prev: dict[str, Any] | None, row: dict[str, Any], out_path: Path) -> bool:
-    """The previous run's output for this exact input and settings is on disk, byte for byte."""
-    return bool(
-        prev
-        and prev.get("status") in (STATUS_OK, STATUS_SKIPPED)
-        and prev.get("input_sha256") == row["input_sha256"]
-        and prev.get("settings_sha256") == row["settings_sha256"]
-        and prev.get("output_sha256")
-        and out_path.is_file()
-        and sha256_file(out_path) == prev["output_sha256"]
-    )
-
-
-def process_file(
-    item: InputFile,
-    denoiser: Denoiser,
-    options: FileOptions,
-    prev: dict[str, Any] | None = None,
-    settings_sha: str | None = None,
-) -> dict[str, Any]:
-    """Denoise one file into its output path; never raises for a bad file.
-
-    Returns:
-        The manifest row (a dict with :data:`MANIFEST_COLUMNS`): ``ok``, ``skipped`` (verified previous
-        output, see module docstring) or ``failed`` with ``error`` set.
-    """
-    t0 = time.perf_counter()
-    settings_sha = settings_sha or settings_sha256(denoiser.settings)
-    row = _empty_row(item, denoiser, settings_sha)
-    out_path = Path(item.out_path)
-    try:
-        row["input_sha256"] = sha256_file(item.path)
-        if not options.force and _verified_previous(prev, row, out_path):
-            assert prev is not None
-            for k in ("output_sha256", "shape", "dtype", "format", "megapixels"):
-                row[k] = prev.get(k)
-            row["noise_sigma_in"] = prev.get("noise_sigma_in")
-            row["noise_sigma_out"] = prev.get("noise_sigma_out")
-            row["status"] = STATUS_SKIPPED
-        else:
-            image, meta = read_image(item.path, max_pixels=options.max_pixels)
-            h, w = meta.shape
-            row.update(shape=[h, w], dtype=meta.dtype, format=meta.format, megapixels=h * w / 1e6)
-            if min(h, w) < options.min_side:
-                raise ImageReadError(
-                    f"{item.path}: image of {h}x{w} px is smaller than min_side={options.min_side} px "
-                    "(too small to be an SEM frame; lower min_side to denoise it anyway)"
-                )
-            if options.noise_estimate:
-                row["noise_sigma_in"] = noise_estimate(image)
-            out = denoiser(image)
-            del image  # an 8192 x 8192 input is 256 MB of float32; the write needs that room
-            write_image(out_path, out, meta)
-            row["output_sha256"] = sha256_file(out_path)
-            if options.noise_estimate:
-                row["noise_sigma_out"] = noise_estimate(out)
-            row["status"] = STATUS_OK
-    except Exception as e:  # per-file isolation: any error is this file's failure, not the job's
-        row["status"] = STATUS_FAILED
-        row["error"] = f"{type(e).__name__}: {e}"
-        row["output_sha256"] = ""
-        try:
-            out_path.unlink(missing_ok=True)  # no stale output from an earlier run for a failed input
-        except OSError:
-            pass
-    row["runtime_s"] = time.perf_counter() - t0
-    row["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-    return row
-
-
-def lost_file_row(item: InputFile, denoiser: Denoiser, settings_sha: str, reason: str) -> dict[str, Any]:
-    """The ``failed`` row of a file whose worker died on every attempt."""
-    row = _empty_row(item, denoiser, settings_sha)
-    row.update(
-        error=reason, worker="", finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
-    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,7 +227,7 @@ class DenoiseActor:
         cfg = InferConfig.model_validate_json(cfg_json)
         # An actor owns cpus_per_actor CPUs: BLAS/OpenMP pools beyond that would fight the other actors.
         threadpool_limits(limits=cfg.torch_threads())
-        self.denoiser = Denoiser.from_config(cfg, model=model, actor=True)
+        self.denoiser = Denoiser.from_config(engine_config(cfg), model=model, actor=True)
         self.options = FileOptions.from_config(cfg)
         self.settings_sha = settings_sha
         self.fault = fault
@@ -535,8 +355,15 @@ class _Progress:
         self.bar.close()
 
 
+def engine_config(cfg: InferConfig) -> InferConfig:
+    """``cfg`` for building the job's :class:`Denoiser`: it keeps no bar rows, since the per-file work
+    decides them page by page (:func:`semray.batchfile.bar_rows`) and feeds it only the rows above."""
+    return cfg.model_copy(update={"keep_bottom_rows": 0})
+
+
 def _pin_model(cfg: InferConfig, model: Any) -> tuple[Denoiser, PinnedModel | None]:
     """Resolve the model once on this process (on CPU, this process's thread count untouched)."""
+    cfg = engine_config(cfg)
     local = cfg.model_copy(update={"device": "cpu", "channels_last": False, "threads": None})
     d = Denoiser.from_config(local, model)
     pinned = PinnedModel(d.net, d.name, d.version, d.source) if d.net is not None else None
@@ -592,6 +419,28 @@ def _run_on_ray(
     return errors
 
 
+def choose_executor(cfg: InferConfig, items: list[InputFile], single: bool) -> str:
+    """``"local"`` (this process) or ``"ray"`` (an actor pool) for a job over ``items``.
+
+    ``executor="auto"`` runs in this process when the job's pixels (all pages, from the file headers)
+    are at most ``local_max_megapixels``: below that Ray's start-up and actor spin-up cost more than
+    the parallelism wins. A single file, ``num_actors=0`` or ``executor="local"`` always run here.
+    Above the threshold the pool runs on the Ray this process is attached to (``RAY_ADDRESS`` or an
+    initialised Ray), else on a local Ray it starts.
+    """
+    if single or cfg.num_actors == 0 or cfg.executor == "local":
+        return "local"
+    if cfg.executor == "ray":
+        return "ray"
+    budget = cfg.local_max_megapixels * 1e6
+    total = 0
+    for item in items:  # stops reading headers as soon as the job is known to be large
+        total += pixel_count(item.path)
+        if total > budget:
+            return "ray"
+    return "local"
+
+
 def run_denoise_job(
     input_path: str | Path,
     output_path: str | Path,
@@ -627,7 +476,7 @@ def run_denoise_job(
     )
     prev = {} if manifest_path is None else previous_rows(out_root)
     denoiser, pinned = _pin_model(cfg, model)
-    settings_sha = settings_sha256(denoiser.settings)
+    settings_sha = settings_sha256(file_settings(denoiser, FileOptions.from_config(cfg)))
     rows: dict[str, dict[str, Any]] = {}
     bar = _Progress(len(items), progress)
 
@@ -637,11 +486,12 @@ def run_denoise_job(
         rows[row["rel_path"]] = row
 
     t0 = time.perf_counter()
-    direct = single or cfg.num_actors == 0
+    executor = choose_executor(cfg, items, single)
+    direct = executor == "local"
     pass_errors: list[str] = []
     if direct:
         # In-process: torch keeps its own thread count unless cfg.threads says otherwise.
-        local = Denoiser.from_config(cfg, model=pinned or model)
+        local = Denoiser.from_config(engine_config(cfg), model=pinned or model)
         options = FileOptions.from_config(cfg)
         for item in items:
             on_row(process_file(item, local, options, prev.get(item.rel_path), settings_sha))
@@ -672,7 +522,13 @@ def run_denoise_job(
         method=denoiser.method,
         model_name=denoiser.name,
         model_version=denoiser.version,
-        extra={"model_source": denoiser.source, "pass_errors": pass_errors, "direct": direct},
+        extra={
+            "model_source": denoiser.source,
+            "pass_errors": pass_errors,
+            "direct": direct,
+            "executor": executor,
+            "pages": int(df["pages"].fillna(0).sum()),
+        },
     )
     track = cfg.track if cfg.track is not None else not single
     if track:

@@ -1618,13 +1618,13 @@ def run_calibration(
 
     ``json_path``/``figure_path`` default to ``out_yaml`` with ``.json``/``.png`` suffixes.
     """
-    from semray.io import list_images, read_image
+    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images
 
     cfg = cfg or CalibrationConfig()
     paths = [p for src in inputs for p in list_images(src)]
     if not paths:
-        raise FileNotFoundError(f"no .tif/.tiff/.png images under {[str(s) for s in inputs]}")
-    images = [read_image(p)[0] for p in paths]
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {[str(s) for s in inputs]}")
+    images = [image for p in paths for image, _ in iter_pages(p)]  # every page of a multipage TIFF
     result = calibrate(images, cfg)
     out_yaml = Path(out_yaml)
     out_yaml.parent.mkdir(parents=True, exist_ok=True)

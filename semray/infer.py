@@ -450,8 +450,11 @@ class Denoiser:
         a denoiser. ``model`` (spec or object) overrides ``cfg.model``.
 
         With ``actor=True`` torch threads are ``cfg.torch_threads()`` (the actor's CPU share);
-        otherwise only an explicit ``cfg.threads`` changes them.
+        otherwise only an explicit ``cfg.threads`` changes them. ``keep_bottom_rows="auto"`` is a
+        per-page decision of the batch job (:func:`semray.batchfile.bar_rows`), so a denoiser built
+        from such a config keeps no rows itself.
         """
+        bar = cfg.keep_bottom_rows
         return cls(
             cfg.method,
             model if model is not None else cfg.model,
@@ -461,7 +464,7 @@ class Denoiser:
             batch_size=cfg.tiling.batch_size,
             device=cfg.device,
             threads=cfg.torch_threads() if actor else cfg.threads,
-            keep_bottom_rows=cfg.keep_bottom_rows,
+            keep_bottom_rows=0 if bar == "auto" else bar,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             classical_params=cfg.classical_params,

@@ -726,7 +726,7 @@ def ingest(
 
     Args:
         cfg: the ingest config.
-        src: a folder (searched recursively for .tif/.tiff/.png) or one file. In pairs mode with
+        src: a folder (searched recursively for .tif/.tiff/.png/.jpg/.jpeg) or one file. In pairs mode with
             ``noisy_dir``/``clean_dir`` those folders are relative to ``src``.
         out_dir: receives ``<split>/part-XXXXX.parquet``, ``ingest.yaml`` and ``summary.json``.
         parallel: process sources as a Ray Data pipeline (default: whenever Ray is initialised); the
@@ -746,7 +746,7 @@ def ingest(
     src, out_dir = Path(src), Path(out_dir)
     sources, skipped, files_seen = discover_sources(src, cfg)
     if files_seen == 0:
-        raise IngestError(f"{src}: no .tif/.tiff/.png files found")
+        raise IngestError(f"{src}: no .tif/.tiff/.png/.jpg/.jpeg files found")
     _prepare_out(out_dir, overwrite)
     if parallel is None:
         parallel = ray.is_initialized()

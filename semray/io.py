@@ -1,9 +1,25 @@
 """Image files in and out, and the Parquet shard schema.
 
-Inside semray an image is ``float32`` in ``[0, 1]`` with shape ``(H, W)``. :func:`read_image` converts a
-file to that and returns an :class:`ImageMeta` that :func:`write_image` uses to convert back, so a
-16-bit TIFF comes back as a 16-bit TIFF of the same shape with its tags (vendor metadata included)
-carried over where tifffile allows.
+Inside semray an image is ``float32`` in ``[0, 1]`` with shape ``(H, W)``. :func:`read_image` converts one
+page of a file to that and returns an :class:`ImageMeta` that :func:`write_image` (one page) and
+:func:`write_pages` (every page of a multipage TIFF) use to convert back, so a file comes back in its
+own layout:
+
+* dtype and shape: a 16-bit TIFF comes back as a 16-bit TIFF of the same shape;
+* tags: TIFF tags (vendor metadata such as FEI 34682 or Zeiss 34118 included), PNG text chunks and
+  JPEG EXIF/ICC/comment are carried over where the writer allows;
+* grey saved as colour: an RGB/RGBA (or grey + alpha) file whose colour channels are equal away from
+  a thin border or an overlay (see :mod:`semray.greyscale` for the limits) is read as grey and
+  written back with the same channels; the pixels whose channels differ (a coloured border, an
+  annotation) and the alpha channel are copied through from the input. A true colour image is refused
+  with an :class:`ImageReadError` that says so;
+* palettes: an indexed-colour TIFF/PNG whose palette is grey is read as its grey levels and written
+  back as indices into the same palette (nearest entry); a colour palette is refused;
+* pages: :func:`iter_pages` yields every page of a multipage TIFF, :func:`write_pages` writes them back
+  as the same pages in the same order, each with its own tags;
+* JPEG (``.jpg``/``.jpeg``) is read like the others and written back as JPEG with the input's own
+  quantisation tables and chroma subsampling, so the output is no more compressed than the input (JPEG
+  is lossy: the written pixels differ from the denoised ones by that compression).
 
 Shards are Parquet files whose image columns use Ray's tensor extension type, so Ray Data reads them
 as ``(B, H, W)`` numpy batches and plain pyarrow reads them too (see :func:`read_shard`).
@@ -14,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +39,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+from semray.greyscale import (
+    ColourLayout,
+    NotGreyError,
+    palette_grey,
+    split_grey,
+    to_file_layout,
+)
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 SUPPORTED_DTYPES = ("uint8", "uint16", "float32", "float64")
 #: 16384 x 16384: larger single images are refused rather than risking the node's memory.
 DEFAULT_MAX_PIXELS = 16384 * 16384
@@ -36,20 +60,22 @@ _STRUCTURAL_TIFF_TAGS = {
     322, 323, 324, 325, 330, 338, 339, 340, 341, 270, 347, 530, 532, 33550, 33922, 34665, 34853,
     50838, 50839,
 }  # fmt: skip
+_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 
 class ImageReadError(ValueError):
-    """A file could not be read as a single-channel SEM image; the message names the file and why."""
+    """A file could not be read as a grey SEM image; the message names the file and why."""
 
 
 @dataclass
 class ImageMeta:
-    """What is needed to write a denoised image back in the input's own format.
+    """What is needed to write a denoised image back in the input's own format and layout.
 
     Attributes:
-        dtype: numpy dtype name of the file's pixels (``uint8``, ``uint16``, ``float32``, ``float64``).
+        dtype: numpy dtype name of the grey values (``uint8``, ``uint16``, ``float32``, ``float64``);
+            for a palette file the dtype of its palette's grey levels.
         shape: ``(H, W)`` of the image.
-        format: ``"png"`` or ``"tiff"``.
+        format: ``"png"``, ``"tiff"`` or ``"jpeg"``.
         float_range: for float files, the ``(lo, hi)`` that was mapped to ``[0, 1]`` (identity when the
             data already lay in ``[0, 1]``); ``None`` for integer files.
         description: TIFF ImageDescription, if any.
@@ -57,6 +83,13 @@ class ImageMeta:
         software: TIFF Software tag, if any.
         extratags: other TIFF tags as ``(code, dtype, count, value, writeonce)`` tuples for tifffile.
         page: page index the image came from (multipage TIFF).
+        pages: number of pages of the file.
+        colour: how the grey sits in a colour or palette file; ``None`` for a plain grey file.
+        photometric: TIFF photometric interpretation name (``minisblack``, ``miniswhite``, ``rgb``, ...).
+        subfiletype: TIFF NewSubfileType (bit 0: reduced-resolution preview).
+        byteorder, bigtiff: TIFF byte order (``<``/``>``) and BigTIFF flag of the input.
+        pil_info: PNG/JPEG side data written back by Pillow (dpi, text chunks, EXIF, ICC, comment,
+            transparency, and a JPEG's quantisation tables and subsampling).
     """
 
     dtype: str
@@ -68,21 +101,31 @@ class ImageMeta:
     software: str | None = None
     extratags: list[tuple[int, int, int, Any, bool]] = field(default_factory=list)
     page: int = 0
+    pages: int = 1
+    colour: ColourLayout | None = None
+    photometric: str = "minisblack"
+    subfiletype: int = 0
+    byteorder: str = "<"
+    bigtiff: bool = False
+    pil_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tag_codes(self) -> list[int]:
         """Codes of the carried-over extra TIFF tags."""
         return [t[0] for t in self.extratags]
 
+    @property
+    def layout(self) -> str:
+        """``"grey"``, or how grey was stored: ``"rgb"``, ``"grey+alpha"``, ``"palette"``."""
+        return "grey" if self.colour is None else self.colour.kind
+
 
 def image_format(path: str | Path) -> str:
-    """``"png"`` or ``"tiff"`` from the file suffix; raises :class:`ImageReadError` otherwise."""
+    """``"png"``, ``"tiff"`` or ``"jpeg"`` from the file suffix; raises :class:`ImageReadError` otherwise."""
     suffix = Path(path).suffix.lower()
-    if suffix == ".png":
-        return "png"
-    if suffix in (".tif", ".tiff"):
-        return "tiff"
-    raise ImageReadError(f"{path}: unsupported file type {suffix!r} (expected one of {IMAGE_SUFFIXES})")
+    if suffix not in _FORMATS:
+        raise ImageReadError(f"{path}: unsupported file type {suffix!r} (expected one of {IMAGE_SUFFIXES})")
+    return _FORMATS[suffix]
 
 
 def to_float01(data: np.ndarray, source: str = "<array>") -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -127,23 +170,28 @@ def from_float01(image: np.ndarray, dtype: str, float_range: tuple[float, float]
     raise ValueError(f"cannot write pixel dtype {dtype!r} (supported: {', '.join(SUPPORTED_DTYPES)})")
 
 
-def _check_pixels(data: np.ndarray, path: Path, max_pixels: int) -> np.ndarray:
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_pixels(data: np.ndarray, source: str, max_pixels: int) -> np.ndarray:
     if data.ndim == 3 and data.shape[-1] in (1,):
         data = data[..., 0]
     if data.ndim != 2:
         shape = "x".join(str(s) for s in data.shape)
         raise ImageReadError(
-            f"{path}: expected a single-channel (grayscale) image, got an array of shape {shape}"
+            f"{source}: expected a single-channel (grayscale) image, got an array of shape {shape}"
         )
     if data.size == 0:
-        raise ImageReadError(f"{path}: image has no pixels")
+        raise ImageReadError(f"{source}: image has no pixels")
     if data.size > max_pixels:
         raise ImageReadError(
-            f"{path}: image of {data.shape[0]}x{data.shape[1]} exceeds the limit of {max_pixels} px"
+            f"{source}: image of {data.shape[0]}x{data.shape[1]} exceeds the limit of {max_pixels} px"
         )
     if data.dtype.name not in SUPPORTED_DTYPES:
         raise ImageReadError(
-            f"{path}: unsupported pixel dtype {data.dtype} (supported: {', '.join(SUPPORTED_DTYPES)})"
+            f"{source}: unsupported pixel dtype {data.dtype} (supported: {', '.join(SUPPORTED_DTYPES)})"
         )
     return data
 
@@ -177,83 +225,237 @@ def _tiff_extratags(tf: Any, page: Any) -> list[tuple[int, int, int, Any, bool]]
     return out
 
 
-def read_image(
-    path: str | Path, page: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[np.ndarray, ImageMeta]:
-    """Read a PNG or TIFF SEM image.
+def _tiff_grey(p: Any, data: np.ndarray, source: str) -> tuple[np.ndarray, ColourLayout | None]:
+    """Grey pixels of one decoded TIFF page and how they sit in it (see :func:`split_grey`)."""
+    photometric = p.photometric.name.lower()
+    if photometric == "palette":
+        if p.colormap is None:
+            raise ImageReadError(f"{source}: palette image without a ColorMap")
+        grey, layout = palette_grey(data, p.colormap, source)
+        layout.colormap = np.asarray(p.colormap, dtype=np.uint16)
+        return grey, layout
+    samples = int(p.samplesperpixel)
+    if samples == 1 and photometric in ("minisblack", "miniswhite"):
+        return data, None
+    if samples > 1 and photometric in ("rgb", "minisblack", "miniswhite"):
+        if int(p.planarconfig) == 2:  # separate planes: tifffile gives (C, H, W)
+            data = np.moveaxis(data, 0, -1)
+        n_colour = 3 if photometric == "rgb" else 1
+        if samples - n_colour != len(p.extrasamples or ()):
+            raise ImageReadError(
+                f"{source}: {photometric} page with {samples} samples per pixel and "
+                f"{len(p.extrasamples or ())} extra samples is not a grey, RGB or RGBA image"
+            )
+        grey, layout = split_grey(data, n_colour, "rgb" if n_colour == 3 else "grey+alpha", source)
+        layout.planar = int(p.planarconfig) == 2
+        layout.extrasamples = tuple(int(e) for e in p.extrasamples or ())
+        return grey, layout
+    raise ImageReadError(
+        f"{source}: photometric interpretation {photometric!r} with {samples} samples per pixel is not "
+        "supported (grey, grey saved as RGB/RGBA, or a grey palette)"
+    )
 
-    Args:
-        path: file to read (``.png``, ``.tif``, ``.tiff``).
-        page: page of a multipage TIFF.
-        max_pixels: refuse images with more pixels than this.
 
-    Returns:
-        ``(image, meta)``: float32 (H, W) in [0, 1] and the metadata to write it back.
+def _decode_tiff_page(tf: Any, path: Path, index: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    """Page ``index`` of an open TIFF as float32 (H, W) [0, 1] and its :class:`ImageMeta`."""
+    n = len(tf.pages)
+    if index >= n:
+        raise ImageReadError(f"{path}: page {index} requested but the file has {n}")
+    source = str(path) if n == 1 else f"{path} page {index}"
+    try:
+        p = tf.pages[index]
+        data = np.asarray(p.asarray())
+        grey, colour = _tiff_grey(p, data, source)
+        meta = ImageMeta(dtype="", shape=(0, 0), format="tiff", page=index, pages=n, colour=colour)
+        meta.photometric = p.photometric.name.lower()
+        meta.description = p.description or None
+        meta.software = p.software or None
+        meta.subfiletype = int(p.subfiletype or 0)
+        meta.byteorder, meta.bigtiff = tf.byteorder, bool(tf.is_bigtiff)
+        if 282 in p.tags and 283 in p.tags:
+            unit = p.tags[296].value if 296 in p.tags else 2
+            meta.resolution = (p.tags[282].value, p.tags[283].value, int(unit))
+        meta.extratags = _tiff_extratags(tf, p)
+    except ImageReadError:
+        raise
+    except NotGreyError as e:
+        raise ImageReadError(str(e)) from None
+    except Exception as e:  # tifffile raises many types for truncated or foreign pages
+        raise ImageReadError(f"{source}: cannot be read as TIFF ({type(e).__name__}: {e})") from e
+    return _finish(grey, meta, source, max_pixels)
 
-    Raises:
-        ImageReadError: the file is missing, empty, truncated, not an image, multi-channel, of an
-            unsupported dtype, too large, or contains non-finite values. The message names the file.
-    """
+
+def _finish(grey: np.ndarray, meta: ImageMeta, source: str, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    data = _check_pixels(np.asarray(grey), source, max_pixels)
+    image, meta.float_range = to_float01(data, source)
+    meta.dtype = data.dtype.name
+    meta.shape = (int(data.shape[0]), int(data.shape[1]))
+    return image, meta
+
+
+def _png_is_16bit_colour(path: Path) -> bool:
+    """Pillow reads 16-bit colour PNGs as 8-bit: IHDR bit depth (byte 24) 16 and a colour type."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6)
+
+
+def _pil_info(im: Any, fmt: str) -> dict[str, Any]:
+    """Side data Pillow can write back: dpi, ICC, EXIF, transparency, comment, PNG text, JPEG tables."""
+    info = {k: im.info[k] for k in ("dpi", "icc_profile", "exif", "transparency", "comment") if k in im.info}
+    if fmt == "png" and getattr(im, "text", None):
+        info["text"] = dict(im.text)
+    if fmt == "jpeg":
+        from PIL import JpegImagePlugin
+
+        info["qtables"] = getattr(im, "quantization", None)
+        info["subsampling"] = JpegImagePlugin.get_sampling(im)
+    return info
+
+
+def _pil_grey(im: Any, source: str) -> tuple[np.ndarray, ColourLayout | None]:
+    """Grey pixels of a Pillow image and how they sit in it."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.uint16), None
+    if mode == "I":  # Pillow widens 16-bit PNG to int32 in some versions
+        arr = np.asarray(im)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ImageReadError(f"{source}: 32-bit integer image is not supported")
+        return arr.astype(np.uint16), None
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8), None
+    if mode == "P":
+        palette = im.getpalette() or []
+        levels = np.asarray(palette, dtype=np.uint8).reshape(-1, 3).T
+        grey, layout = palette_grey(np.asarray(im), levels, source)
+        layout.colormap = palette
+        return grey, layout
+    if mode in ("RGB", "RGBA", "LA"):
+        n_colour = 1 if mode == "LA" else 3
+        return split_grey(np.asarray(im), n_colour, "grey+alpha" if mode == "LA" else "rgb", source)
+    raise ImageReadError(
+        f"{source}: image mode {mode!r} ({len(im.getbands())} channels) is not supported (grey, grey saved "
+        "as RGB/RGBA, or a grey palette)"
+    )
+
+
+def _decode_pil(path: Path, fmt: str, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    """A PNG or JPEG file as float32 (H, W) [0, 1] and its :class:`ImageMeta`."""
+    from PIL import Image
+
+    try:
+        if fmt == "png" and _png_is_16bit_colour(path):
+            raise ImageReadError(f"{path}: 16-bit colour PNG is not supported (it would be read as 8-bit)")
+        with Image.open(path) as im:
+            frames = int(getattr(im, "n_frames", 1))
+            if frames > 1:
+                raise ImageReadError(f"{path}: animated {fmt.upper()} with {frames} frames is not supported")
+            im.load()
+            grey, colour = _pil_grey(im, str(path))
+            meta = ImageMeta(dtype="", shape=(0, 0), format=fmt, colour=colour, pil_info=_pil_info(im, fmt))
+    except ImageReadError:
+        raise
+    except NotGreyError as e:
+        raise ImageReadError(str(e)) from None
+    except Exception as e:  # Pillow raises many types for truncated or foreign files
+        raise ImageReadError(f"{path}: cannot be read as {fmt.upper()} ({type(e).__name__}: {e})") from e
+    return _finish(grey, meta, str(path), max_pixels)
+
+
+def _existing(path: str | Path) -> tuple[Path, str]:
     path = Path(path)
     fmt = image_format(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty (0 bytes)")
-    meta = ImageMeta(dtype="", shape=(0, 0), format=fmt, page=page)
+    return path, fmt
+
+
+def _open_tiff(path: Path) -> Any:
+    import tifffile
+
     try:
-        if fmt == "tiff":
-            import tifffile
+        return tifffile.TiffFile(path)
+    except Exception as e:  # tifffile raises many types for truncated or foreign files
+        raise ImageReadError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {e})") from e
 
-            with tifffile.TiffFile(path) as tf:
-                if page >= len(tf.pages):
-                    raise ImageReadError(f"{path}: page {page} requested but the file has {len(tf.pages)}")
-                p = tf.pages[page]
-                data = p.asarray()
-                meta.description = p.description or None
-                meta.software = p.software or None
-                if 282 in p.tags and 283 in p.tags:
-                    unit = p.tags[296].value if 296 in p.tags else 2
-                    meta.resolution = (p.tags[282].value, p.tags[283].value, int(unit))
-                meta.extratags = _tiff_extratags(tf, p)
-        else:
-            from PIL import Image
 
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L"):
-                    data = np.asarray(im, dtype=np.uint16)
-                elif im.mode == "I":  # Pillow widens 16-bit PNG to int32 in some versions
-                    arr = np.asarray(im)
-                    if arr.min() < 0 or arr.max() > 65535:
-                        raise ImageReadError(f"{path}: 32-bit integer PNG is not supported")
-                    data = arr.astype(np.uint16)
-                elif im.mode == "L":
-                    data = np.asarray(im, dtype=np.uint8)
-                else:
-                    raise ImageReadError(
-                        f"{path}: expected a single-channel (grayscale) image, got PNG mode {im.mode!r} "
-                        f"with {len(im.getbands())} channels"
-                    )
-    except ImageReadError:
-        raise
-    except Exception as e:  # tifffile/Pillow raise many types for truncated or foreign files
-        raise ImageReadError(f"{path}: cannot be read as {fmt.upper()} ({type(e).__name__}: {e})") from e
-    data = _check_pixels(np.asarray(data), path, max_pixels)
-    image, meta.float_range = to_float01(data, str(path))
-    meta.dtype = data.dtype.name
-    meta.shape = (int(data.shape[0]), int(data.shape[1]))
-    return image, meta
+def read_image(
+    path: str | Path, page: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, ImageMeta]:
+    """Read one page of a PNG, TIFF or JPEG SEM image.
+
+    Args:
+        path: file to read (``.png``, ``.tif``, ``.tiff``, ``.jpg``, ``.jpeg``).
+        page: page of a multipage TIFF (``meta.pages`` says how many there are; see :func:`iter_pages`).
+        max_pixels: refuse images with more pixels than this.
+
+    Returns:
+        ``(image, meta)``: float32 (H, W) in [0, 1] and the metadata to write it back.
+
+    Raises:
+        ImageReadError: the file is missing, empty, truncated, not an image, true colour or a colour
+            palette, of an unsupported dtype, too large, or contains non-finite values. The message
+            names the file (and the page of a multipage file).
+    """
+    path, fmt = _existing(path)
+    if fmt != "tiff":
+        if page != 0:
+            raise ImageReadError(f"{path}: page {page} requested but a {fmt.upper()} file has 1")
+        return _decode_pil(path, fmt, max_pixels)
+    with _open_tiff(path) as tf:
+        return _decode_tiff_page(tf, path, page, max_pixels)
+
+
+def iter_pages(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[tuple[np.ndarray, ImageMeta]]:
+    """Every page of a file in order, as :func:`read_image` returns them (one for PNG/JPEG).
+
+    The TIFF is opened once and pages are decoded one at a time, so a long stack never sits in memory
+    whole. A page that cannot be read raises :class:`ImageReadError` naming the file and the page.
+    """
+    path, fmt = _existing(path)
+    if fmt != "tiff":
+        yield _decode_pil(path, fmt, max_pixels)
+        return
+    with _open_tiff(path) as tf:
+        for index in range(len(tf.pages)):
+            yield _decode_tiff_page(tf, path, index, max_pixels)
 
 
 def count_pages(path: str | Path) -> int:
-    """Number of pages of a TIFF (1 for PNG)."""
-    if image_format(path) != "tiff":
+    """Number of pages of a TIFF (1 for PNG and JPEG)."""
+    path, fmt = _existing(path)
+    if fmt != "tiff":
         return 1
-    import tifffile
-
-    with tifffile.TiffFile(path) as tf:
+    with _open_tiff(path) as tf:
         return len(tf.pages)
+
+
+def pixel_count(path: str | Path) -> int:
+    """Pixels of all pages of a file, from its header only (0 when the header cannot be read).
+
+    Used to size a job before any pixel is decoded; a file that cannot be read fails later, when it is.
+    """
+    try:
+        path, fmt = _existing(path)
+        if fmt == "tiff":
+            with _open_tiff(path) as tf:
+                return sum(int(p.imagelength) * int(p.imagewidth) for p in tf.pages)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # sizing is advisory: the real read reports the file's problem
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -266,49 +468,131 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def write_image(path: str | Path, image: np.ndarray, meta: ImageMeta | None = None) -> Path:
-    """Write float32 (H, W) [0, 1] ``image`` to ``path`` in the format and dtype given by ``meta``.
-
-    The file is written to a temporary name in the same folder and renamed into place, so a reader or a
-    killed job never sees a half-written output. Without ``meta`` the format comes from the suffix and
-    the dtype is uint8 for PNG and float32 for TIFF.
-    """
-    path = Path(path)
-    fmt = image_format(path)
-    if meta is None:
-        meta = ImageMeta(dtype="uint8" if fmt == "png" else "float32", shape=tuple(image.shape), format=fmt)
+def _file_pixels(image: np.ndarray, meta: ImageMeta) -> np.ndarray:
+    """float32 (H, W) [0, 1] -> the file's own pixels (dtype, channels or palette indices)."""
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"write_image expects an (H, W) image, got shape {image.shape}")
-    data = from_float01(image, meta.dtype, meta.float_range)
+    if meta.colour is not None and tuple(image.shape) != tuple(meta.shape):
+        raise ValueError(f"image of shape {image.shape} does not fit the {meta.shape} layout it came from")
+    return to_file_layout(from_float01(image, meta.dtype, meta.float_range), meta.colour)
+
+
+def _tiff_page_args(data: np.ndarray, meta: ImageMeta) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pixels and tifffile ``write`` arguments reproducing ``meta``'s page."""
+    kwargs: dict[str, Any] = {"photometric": meta.photometric, "metadata": None}
+    if meta.subfiletype:
+        kwargs["subfiletype"] = meta.subfiletype
+    if meta.description:
+        kwargs["description"] = meta.description
+    if meta.software:
+        kwargs["software"] = meta.software
+    if meta.resolution:
+        x, y, unit = meta.resolution
+        kwargs["resolution"] = (x, y)
+        kwargs["resolutionunit"] = unit
+    if meta.extratags:
+        kwargs["extratags"] = meta.extratags
+    colour = meta.colour
+    if colour is not None and colour.kind == "palette":
+        kwargs["colormap"] = colour.colormap
+    elif colour is not None:
+        kwargs["planarconfig"] = "separate" if colour.planar else "contig"
+        if colour.extrasamples:
+            kwargs["extrasamples"] = colour.extrasamples
+        if colour.planar:
+            data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    return data, kwargs
+
+
+def _write_tiff(tmp: str, pages: Iterator[tuple[np.ndarray, ImageMeta]]) -> None:
+    import tifffile
+
+    first = next(pages, None)
+    if first is None:
+        raise ValueError("no page to write")
+    data = _file_pixels(*first)
+    meta = first[1]
+    # BigTIFF when the input was one or when this page alone nears classic TIFF's 4 GB offset limit.
+    bigtiff = meta.bigtiff or data.nbytes * max(1, meta.pages) > 2**32 - 2**25
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff, byteorder=meta.byteorder) as tw:
+        pixels, kwargs = _tiff_page_args(data, meta)
+        tw.write(pixels, **kwargs)
+        for image, page_meta in pages:
+            pixels, kwargs = _tiff_page_args(_file_pixels(image, page_meta), page_meta)
+            tw.write(pixels, **kwargs)
+
+
+def _write_pil(tmp: str, path: Path, fmt: str, image: np.ndarray, meta: ImageMeta) -> None:
+    from PIL import Image, PngImagePlugin
+
+    data = _file_pixels(image, meta)
+    allowed = (np.uint8, np.uint16) if fmt == "png" else (np.uint8,)
+    if data.dtype not in allowed:
+        raise ValueError(f"{path}: {fmt.upper()} cannot hold {data.dtype} pixels; use a .tif output")
+    im = Image.fromarray(data)  # Pillow picks L / I;16 / LA / RGB / RGBA from dtype and channels
+    info = dict(meta.pil_info)
+    if meta.colour is not None and meta.colour.kind == "palette":
+        im.putpalette(meta.colour.colormap)
+    kwargs = {k: info[k] for k in ("dpi", "icc_profile", "exif", "transparency", "comment") if k in info}
+    if fmt == "png":
+        if info.get("text"):
+            png_text = PngImagePlugin.PngInfo()
+            for key, value in info["text"].items():
+                png_text.add_text(str(key), str(value))
+            kwargs["pnginfo"] = png_text
+        im.save(tmp, format="PNG", **kwargs)
+        return
+    kwargs.pop("transparency", None)
+    if info.get("qtables"):  # the input's own quantisation: no more compression than it had
+        kwargs["qtables"] = info["qtables"]
+        if info.get("subsampling", -1) >= 0:
+            kwargs["subsampling"] = info["subsampling"]
+    else:
+        kwargs["quality"] = 95
+    im.save(tmp, format="JPEG", **kwargs)
+
+
+def write_pages(path: str | Path, pages: Iterable[tuple[np.ndarray, ImageMeta]]) -> Path:
+    """Write ``(image, meta)`` pages to ``path``, each in its ``meta``'s dtype, layout and tags.
+
+    Every image is float32 (H, W) in [0, 1]. A TIFF gets one page per item, in order; PNG and JPEG
+    hold exactly one. ``pages`` may be a generator that denoises page k as it is asked for it, so a
+    long stack is never in memory whole; if it raises (a page failed), no file is left at ``path``.
+    The file is written to a temporary name in the same folder and renamed into place, so a reader or
+    a killed job never sees a half-written output.
+    """
+    path = Path(path)
+    fmt = image_format(path)
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
+        items = iter(pages)
         if fmt == "tiff":
-            import tifffile
-
-            kwargs: dict[str, Any] = {"photometric": "minisblack", "metadata": None}
-            if meta.description:
-                kwargs["description"] = meta.description
-            if meta.software:
-                kwargs["software"] = meta.software
-            if meta.resolution:
-                x, y, unit = meta.resolution
-                kwargs["resolution"] = (x, y)
-                kwargs["resolutionunit"] = unit
-            tifffile.imwrite(tmp, data, extratags=meta.extratags or None, **kwargs)
+            _write_tiff(tmp, items)
         else:
-            from PIL import Image
-
-            if data.dtype in (np.uint8, np.uint16):  # Pillow picks mode L / I;16 from the dtype
-                Image.fromarray(data).save(tmp, format="PNG")
-            else:
-                raise ValueError(f"{path}: PNG cannot hold {data.dtype} pixels; use a .tif output")
+            first = next(items, None)
+            if first is None:
+                raise ValueError(f"{path}: no page to write")
+            if next(items, None) is not None:
+                raise ValueError(f"{path}: a {fmt.upper()} file holds one page; write several to a .tif")
+            _write_pil(tmp, path, fmt, *first)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_image(path: str | Path, image: np.ndarray, meta: ImageMeta | None = None) -> Path:
+    """Write float32 (H, W) [0, 1] ``image`` to ``path`` as one page in the format, dtype and layout of
+    ``meta`` (see :func:`write_pages`). Without ``meta`` the format comes from the suffix, the layout is
+    grey and the dtype uint8 for PNG/JPEG and float32 for TIFF."""
+    if meta is None:
+        fmt = image_format(path)
+        dtype = "float32" if fmt == "tiff" else "uint8"
+        meta = ImageMeta(dtype=dtype, shape=tuple(np.shape(image)), format=fmt)  # type: ignore[arg-type]
+    return write_pages(path, [(image, meta)])
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -321,7 +605,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """All ``.tif``/``.tiff``/``.png`` files under ``root`` (recursively, sorted); ``[root]`` for a file."""
+    """All image files (:data:`IMAGE_SUFFIXES`) under ``root`` (recursively, sorted); ``[root]`` for a file."""
     root = Path(root)
     if root.is_file():
         return [root]

@@ -94,6 +94,10 @@ def decode_image(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarra
             msg = str(e).replace(str(path), label)
             status = 422 if ("channel" in msg or "dtype" in msg or "NaN" in msg) else 400
             raise RequestError(status, msg) from None
+    if meta.pages > 1:  # the app shows one image: refuse rather than drop pages without a word
+        raise RequestError(
+            422, f"{label}: a multipage TIFF ({meta.pages} pages); `semray denoise` does every page"
+        )
     return image, meta
 
 

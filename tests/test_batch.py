@@ -43,7 +43,7 @@ BAD = {  # rel path -> expected fragment of the error
     "L2/W01/zero.tif": "empty",
     "L2/W01/trunc.tif": "cannot be read as TIFF",
     "L2/W01/text.tif": "not a TIFF",
-    "L2/W02/rgb.png": "single-channel",
+    "L2/W02/rgb.png": "true colour",
 }
 TINY = "L2/W02/tiny.png"  # 7 x 5: denoised (the engine pads it), not failed
 
@@ -248,7 +248,10 @@ def test_files_whose_worker_always_dies_are_reported_not_lost(
 
     monkeypatch.setattr(batch, "_ray_pass", flaky_pass)
     s = run_denoise_job(
-        tmp_path / "in", tmp_path / "out", InferConfig(method="gaussian", track=False), progress=False
+        tmp_path / "in",
+        tmp_path / "out",
+        InferConfig(method="gaussian", track=False, executor="ray"),
+        progress=False,
     )
     assert calls[1] == ["L1/W01/a.tif"]  # the reconciliation pass re-queues only what had no row
     rows = s.rows.set_index("rel_path")
@@ -267,7 +270,7 @@ def ray_job(ray_local: None, model_dir: Path, tmp_path_factory: pytest.TempPathF
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         cfg = InferConfig(
-            model=str(model_dir), num_actors=2, tiling={"tile": 32, "overlap": 8}, experiment="lots-test"
+            model=str(model_dir), num_actors=2, executor="ray", tiling={"tile": 32, "overlap": 8}, experiment="lots-test"
         )
         fault = FaultInjection(nth=2, marker=str(root / "crashed"))
         summary = run_denoise_job(root / "lots", root / "out", cfg, progress=False, fault=fault)

@@ -10,8 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from scipy import ndimage
+from sem_files import FEI_INI
+from sem_files import draw_bar as _draw_bar
+from sem_files import texture as _texture
 
 from semray.cli import main
 from semray.config.base import ConfigError, load_config
@@ -30,34 +33,8 @@ from semray.io import read_shard
 from semray.noise import synthesize
 from semray.synth import render_wafer
 
-FEI_INI = (
-    "[User]\r\nDate=03/14/2024\r\nUser=fab\r\n[Beam]\r\nHV=5000\r\nSpot=3\r\n[Scan]\r\nDwelltime=1e-07\r\n"
-)
 BAR_ROWS = 16
 CROP, STRIDE = 32, 24
-
-
-def _texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """A noisy micrograph-like float image in [0.1, 0.9]: smooth structure plus shot-like noise."""
-    smooth = ndimage.gaussian_filter(rng.normal(size=shape), 3.0)
-    smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-9)
-    return np.clip(0.2 + 0.6 * smooth + rng.normal(0, 0.04, shape), 0.1, 0.9).astype(np.float32)
-
-
-def _draw_bar(
-    image: np.ndarray, rows: int, level: float = 0.0, ink: float = 1.0, border: bool = True
-) -> np.ndarray:
-    """Burn a SEM-style data bar (uniform band, text, scale bar, optional top border) into the bottom."""
-    h, w = image.shape
-    band = Image.new("L", (w, rows), round(level * 255))
-    d = ImageDraw.Draw(band)
-    d.text((3, max(0, rows // 2 - 6)), "5kV x50k", fill=round(ink * 255), font=ImageFont.load_default())
-    d.rectangle([w - 30, rows - 5, w - 6, rows - 3], fill=round(ink * 255))  # scale bar
-    if border:
-        d.line([0, 0, w, 0], fill=round(ink * 255))
-    out = image.copy()
-    out[h - rows :] = np.asarray(band, dtype=np.float32) / 255.0
-    return out
 
 
 def _u8(x: np.ndarray) -> np.ndarray:

@@ -128,6 +128,14 @@ def test_decode_encode_round_trip_keeps_dtype_format_and_values(pixels, fmt):
     np.testing.assert_array_equal(back, pixels)
 
 
+def test_grey_saved_as_rgb_comes_back_as_rgb():
+    grey = noisy_u8()
+    image, meta = decode_image(png_bytes(np.repeat(grey[..., None], 3, -1)), "rgb.png", max_pixels=10**6)
+    assert meta.layout == "rgb" and image.shape == grey.shape
+    back = np.asarray(Image.open(io.BytesIO(encode_image(image, meta))))
+    np.testing.assert_array_equal(back, np.repeat(grey[..., None], 3, -1))
+
+
 @pytest.mark.parametrize(
     ("data", "status", "words"),
     [
@@ -137,8 +145,9 @@ def test_decode_encode_round_trip_keeps_dtype_format_and_values(pixels, fmt):
         (png_bytes(RNG.integers(0, 255, (16, 16, 3), dtype=np.uint8)), 422, "channel"),
         (tiff_bytes(RNG.integers(-5, 5, (16, 16), dtype=np.int16)), 422, "dtype"),
         (tiff_bytes(np.full((16, 16), np.nan, np.float32)), 422, "NaN"),
+        (tiff_bytes(np.stack([noisy_u8(), noisy_u8()]), photometric="minisblack"), 422, "multipage"),
     ],
-    ids=["empty", "text", "truncated-png", "rgb-png", "int16-tiff", "nan-tiff"],
+    ids=["empty", "text", "truncated-png", "rgb-png", "int16-tiff", "nan-tiff", "multipage-tiff"],
 )
 def test_decode_rejects_bad_images_with_4xx(data, status, words):
     with pytest.raises(RequestError) as e:

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Estimate shot/read noise, row offsets, line jitter, drift, fast-axis correlation, "
         "charging and quantisation from noisy images of one tool setting (no clean reference).",
     )
-    p.add_argument("images", nargs="+", type=Path, help="image files or folders (.tif/.tiff/.png, recursive)")
+    p.add_argument(
+        "images", nargs="+", type=Path, help="image files or folders (.tif/.png/.jpg, recursive; every page)"
+    )
     p.add_argument("--out", type=Path, required=True, help="NoiseConfig YAML to write, e.g. noise.yaml")
     p.add_argument("--json", type=Path, default=None, help="raw estimates (default: OUT with .json)")
     p.add_argument("--figure", type=Path, default=None, help="comparison PNG (default: OUT with .png)")

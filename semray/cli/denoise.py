@@ -1,9 +1,11 @@
 """``semray denoise INPUT OUTPUT [--model SPEC] [--method M] ...``: denoise a file or a lot tree.
 
-INPUT is an image file or a folder searched recursively for .tif/.tiff/.png; OUTPUT mirrors it (same
-relative paths, names, formats, dtypes, shapes) and, for folders, holds ``manifest.parquet``. A folder
-runs on a Ray actor pool (local Ray, or the cluster in ``RAY_ADDRESS``); a single file runs in this
-process. Exit status: 0 when every file is ok or skipped, 1 when some failed (see the manifest),
+INPUT is an image file or a folder searched recursively for .tif/.tiff/.png/.jpg/.jpeg; OUTPUT mirrors
+it (same relative paths, names, formats, dtypes, shapes, channels, pages and tags; JPEG is written back
+as JPEG with the input's own quantisation) and, for folders, holds ``manifest.parquet``. A burned-in
+data bar is found on each page and copied through untouched (``--keep-bottom-rows``). A small job (at
+most ``local_max_megapixels``, default 64 MP) or a single file runs in this process; a larger folder
+runs on a Ray actor pool (local Ray, or the cluster in ``RAY_ADDRESS``); ``--executor`` forces either. Exit status: 0 when every file is ok or skipped, 1 when some failed (see the manifest),
 2 for a usage error (bad flag, missing INPUT, unknown model).
 """
 
@@ -23,6 +25,7 @@ _FLAG_FIELDS = {
     "models_dir": "models_dir",
     "method": "method",
     "actors": "num_actors",
+    "executor": "executor",
     "cpus_per_actor": "cpus_per_actor",
     "gpus_per_actor": "gpus_per_actor",
     "keep_bottom_rows": "keep_bottom_rows",
@@ -40,7 +43,7 @@ _FLAG_FIELDS = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "denoise",
-        help="denoise an image or a lot tree (TIFF/PNG), mirroring it into OUTPUT with a manifest",
+        help="denoise an image or a lot tree (TIFF/PNG/JPEG), mirroring it into OUTPUT with a manifest",
         description=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("input", type=Path, metavar="INPUT", help="image file or folder (<lot>/<wafer>/<image>)")
@@ -55,7 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, help="Ray actors (default: one per CPU; 0 = no Ray, in-process)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (fractional allowed)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractional allowed)")
-    p.add_argument("--keep-bottom-rows", type=int, help="leave this many bottom rows (data bar) untouched")
+    p.add_argument("--keep-bottom-rows", type=_bar_rows, metavar="auto|N",
+                   help="data bar copied through untouched: 'auto' detects it on each page (default), "
+                   "N keeps N bottom rows, 0 none")  # fmt: skip
+    p.add_argument("--executor", choices=["auto", "local", "ray"],
+                   help="where a folder runs: 'auto' (in process up to local_max_megapixels, else Ray; "
+                   "default), 'local' or 'ray'")  # fmt: skip
     p.add_argument("--tile", type=int, help="largest tile side in pixels (default 512)")
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: from the model's "
                    "receptive field, 104 for the shipped model; tiled == whole-image output)")  # fmt: skip
@@ -72,6 +80,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verbose_arg(p)
     p.set_defaults(handler=run, track=None)
+
+
+def _bar_rows(value: str) -> int | str:
+    """``--keep-bottom-rows`` value: ``auto`` or a non-negative int."""
+    if value == "auto":
+        return value
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of rows >= 0, got {value!r}")
+    return rows
 
 
 def build_config(args: argparse.Namespace) -> Any:

@@ -23,7 +23,7 @@ from semray.config.ingest import IngestConfig
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="ingest your own SEM images (PNG/TIFF folders) into Parquet shards")
     p.add_argument("src", type=Path, nargs="?", default=None,
-                   help="folder searched recursively for .tif/.tiff/.png, or one file "
+                   help="folder searched recursively for .tif/.tiff/.png/.jpg/.jpeg, or one file "
                         "(pairs mode with --noisy/--clean: the folder they are relative to; default '.')")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder for shards and summary.json")
     add_config_args(p, "IngestConfig YAML (default: built-in defaults)", "databar.tolerance=0.02")

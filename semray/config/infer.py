@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from semray.config.base import StrictModel
+from semray.config.ingest import DataBarConfig
 from semray.io import DEFAULT_MAX_PIXELS
 
 #: ``unet`` plus the classical methods of :data:`semray.classical.METHODS` (kept equal by a test).
@@ -124,11 +125,17 @@ class InferConfig(StrictModel):
         le=512,
         description="Torch intra-op threads per process/actor (threads); None = floor(cpus_per_actor).",
     )
-    keep_bottom_rows: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="Height of a burned-in data bar at the image bottom left untouched (pixel rows).",
+    keep_bottom_rows: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Burned-in data bar at the image bottom, copied through untouched and never denoised: 'auto' "
+            "finds it on each page with the detector `semray ingest` uses (see databar), an int keeps that "
+            "many rows (pixel rows), 0 keeps none."
+        ),
+    )
+    databar: DataBarConfig = Field(
+        default_factory=DataBarConfig,
+        description="Data-bar detector thresholds for keep_bottom_rows='auto' (crop_rows and mode unused).",
     )
     min_side: int = Field(
         1,
@@ -154,6 +161,21 @@ class InferConfig(StrictModel):
         description=(
             "Ray actors in the denoising pool (actors); None = cluster CPUs // cpus_per_actor (at most "
             "one per file); 0 = no Ray, files processed one by one in this process."
+        ),
+    )
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description=(
+            "Where a folder job runs: 'local' (this process, files one by one), 'ray' (an actor pool) or "
+            "'auto': local when the job's pixels are at most local_max_megapixels, else Ray."
+        ),
+    )
+    local_max_megapixels: float = Field(
+        64.0,
+        ge=0,
+        description=(
+            "Largest job (megapixels, all pages of all files, from the headers) that executor 'auto' runs "
+            "in this process: below it Ray's start-up and actor spin-up cost more than they save."
         ),
     )
     cpus_per_actor: float = Field(
