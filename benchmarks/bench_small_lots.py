@@ -9,6 +9,9 @@ loading, Ray start-up and actor spin-up all count. ``compute_s`` is the sum of t
 ``runtime_s`` (read, denoise, write, hash, noise estimates); ``overhead_s = wall_s - compute_s`` for
 the in-process executor is what the issue's target bounds (20 files of 256 x 256 within 5 s of their
 compute). On Ray the files run on several actors at once, so there ``compute_s`` can exceed the wall.
+``cpu_s`` is the user + system CPU time of the command and the processes it waited for (for Ray, the
+processes of the local Ray it started, as far as they were reaped before it exited): on a shared,
+oversubscribed machine wall times stretch with the load, CPU time much less.
 The lot is uint16 TIFFs of random noise (speed does not depend on content) under ``LOT/L<k>/W<k>/``.
 
 Records machine, command, load average and figures in ``benchmarks/results/small_lots.json``.
@@ -20,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -55,9 +59,12 @@ def run_cli(lot: Path, out: Path, executor: str, track: bool) -> dict[str, Any]:
     cmd += ["--no-progress", "--force"] + ([] if track else ["--no-track"])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{out.parent / 'mlflow.db'}"  # one store, made before timing
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if res.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     rows = pq.read_table(out / "manifest.parquet").to_pandas()
@@ -70,6 +77,7 @@ def run_cli(lot: Path, out: Path, executor: str, track: bool) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "compute_s": round(compute, 2),
         "overhead_s": round(wall - compute, 2),
+        "cpu_s": round(cpu, 2),
         "summary_line": res.stdout.strip().splitlines()[0] if res.stdout.strip() else "",
     }
 

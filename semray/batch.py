@@ -419,6 +419,32 @@ def _run_on_ray(
     return errors
 
 
+def _run_local(
+    items: list[InputFile],
+    prev: dict[str, dict[str, Any]],
+    cfg: InferConfig,
+    model: Any,
+    settings_sha: str,
+    on_row: Callable[[dict[str, Any]], None],
+) -> None:
+    """The in-process executor: the same :func:`process_file` the actors run, one file after another.
+    torch keeps its own thread count here unless ``cfg.threads`` says otherwise."""
+    denoiser = Denoiser.from_config(engine_config(cfg), model=model)
+    options = FileOptions.from_config(cfg)
+    for item in items:
+        on_row(process_file(item, denoiser, options, prev.get(item.rel_path), settings_sha))
+
+
+def _check_complete(rows: dict[str, dict[str, Any]], items: list[InputFile]) -> None:
+    """The promise of the job: never more, never fewer manifest rows than input files."""
+    expected = {i.rel_path for i in items}
+    if set(rows) != expected:
+        raise RuntimeError(
+            f"manifest would have {len(rows)} rows for {len(expected)} input files "
+            f"(missing {sorted(expected - set(rows))[:5]}, extra {sorted(set(rows) - expected)[:5]})"
+        )
+
+
 def choose_executor(cfg: InferConfig, items: list[InputFile], single: bool) -> str:
     """``"local"`` (this process) or ``"ray"`` (an actor pool) for a job over ``items``.
 
@@ -490,21 +516,12 @@ def run_denoise_job(
     direct = executor == "local"
     pass_errors: list[str] = []
     if direct:
-        # In-process: torch keeps its own thread count unless cfg.threads says otherwise.
-        local = Denoiser.from_config(engine_config(cfg), model=pinned or model)
-        options = FileOptions.from_config(cfg)
-        for item in items:
-            on_row(process_file(item, local, options, prev.get(item.rel_path), settings_sha))
+        _run_local(items, prev, cfg, pinned or model, settings_sha, on_row)
     elif items:
         pass_errors = _run_on_ray(items, prev, cfg, denoiser, pinned, settings_sha, fault, rows, on_row)
     wall = time.perf_counter() - t0
     bar.close()
-    expected = {i.rel_path for i in items}
-    if set(rows) != expected:  # the promise of the job: never more, never fewer rows than inputs
-        raise RuntimeError(
-            f"manifest would have {len(rows)} rows for {len(expected)} input files "
-            f"(missing {sorted(expected - set(rows))[:5]}, extra {sorted(set(rows) - expected)[:5]})"
-        )
+    _check_complete(rows, items)
     if manifest_path is not None:
         write_manifest(rows.values(), manifest_path)
     df = pd.DataFrame(sorted(rows.values(), key=lambda r: r["rel_path"]), columns=list(MANIFEST_COLUMNS))

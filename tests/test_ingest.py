@@ -90,8 +90,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> dict:
     expected["lotB/thumb.tif"] = _u8(h) / np.float32(255)
     (root / "junk" / "empty.tif").write_bytes(b"")
     (root / "junk" / "notes.tif").write_text("this is not an image\n")
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "junk" / "rgb.png")
-    bad = {"junk/empty.tif": "0 bytes", "junk/notes.tif": "cannot be read", "junk/rgb.png": "3 channels"}
+    colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # true colour (grey saved as RGB is read)
+    Image.fromarray(colour).save(root / "junk" / "rgb.png")
+    bad = {"junk/empty.tif": "0 bytes", "junk/notes.tif": "cannot be read", "junk/rgb.png": "true colour"}
     return {"root": root, "expected": expected, "bad": bad}
 
 
