@@ -14,7 +14,8 @@ processes of the local Ray it started, as far as they were reaped before it exit
 oversubscribed machine wall times stretch with the load, CPU time much less.
 The lot is uint16 TIFFs of random noise (speed does not depend on content) under ``LOT/L<k>/W<k>/``.
 
-Records machine, command, load average and figures in ``benchmarks/results/small_lots.json``.
+Appends one session (machine, command, load average before and after, figures) to
+``benchmarks/results/small_lots.json``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run_cli(lot: Path, out: Path, executor: str, track: bool) -> dict[str, Any]:
         "compute_s": round(compute, 2),
         "overhead_s": round(wall - compute, 2),
         "cpu_s": round(cpu, 2),
-        "summary_line": res.stdout.strip().splitlines()[0] if res.stdout.strip() else "",
+        "summary_line": next((ln for ln in res.stdout.splitlines() if " files: " in ln), ""),
     }
 
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "small_lots.json")
     args = p.parse_args(argv)
     runs = []
+    started = machine()  # load average before the runs
     with tempfile.TemporaryDirectory(prefix="semray-small-lots-") as tmp:
         if args.track:  # a user's store exists after the first run: create it (schema migrations) untimed
             import mlflow
@@ -109,14 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python " + shlex.join(["benchmarks/bench_small_lots.py", *(argv or sys.argv[1:])]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": started,
         "image": f"{args.size}x{args.size} uint16 TIFF, shipped default model, OMP_NUM_THREADS=1",
         "note": "each run is a fresh `semray denoise` subprocess; the machine was shared with other jobs",
         "runs": runs,
     }
     record["machine"]["load_average_after"] = list(os.getloadavg())
+    # Each invocation is one session, appended: on a shared machine one session's load says little.
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    sessions = old.get("sessions", [old] if old else [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    args.out.write_text(json.dumps({"sessions": [*sessions, record]}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -175,7 +175,8 @@ class InferConfig(StrictModel):
         ge=0,
         description=(
             "Largest job (megapixels, all pages of all files, from the headers) that executor 'auto' runs "
-            "in this process: below it Ray's start-up and actor spin-up cost more than they save."
+            "in this process, where small lots skip Ray's start-up and actor spin-up (a compromise "
+            "setting, see docs/image_files.md; tune it for your machine)."
         ),
     )
     cpus_per_actor: float = Field(
