@@ -270,7 +270,11 @@ def ray_job(ray_local: None, model_dir: Path, tmp_path_factory: pytest.TempPathF
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         cfg = InferConfig(
-            model=str(model_dir), num_actors=2, executor="ray", tiling={"tile": 32, "overlap": 8}, experiment="lots-test"
+            model=str(model_dir),
+            num_actors=2,
+            executor="ray",
+            tiling={"tile": 32, "overlap": 8},
+            experiment="lots-test",
         )
         fault = FaultInjection(nth=2, marker=str(root / "crashed"))
         summary = run_denoise_job(root / "lots", root / "out", cfg, progress=False, fault=fault)
