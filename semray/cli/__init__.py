@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from semray.config.base import ConfigError
 
 #: Sub-command modules, in the order ``semray --help`` lists them.
-COMMANDS = ("synth", "demo", "ingest", "evaluate", "denoise", "serve", "train", "tune", "calibrate")
+COMMANDS = ("synth", "demo", "ingest", "evaluate", "denoise", "serve", "train", "tune", "calibrate", "adapt")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,7 @@ RUN_CONFIGS: tuple[tuple[str, str], ...] = (
     ("Ablation study", "semray.config.evaluate.AblationConfig"),
     ("Serve app (`semray serve`)", "semray.config.serve.ServeConfig"),
     ("Quickstart (`semray demo`)", "semray.config.quickstart.QuickstartConfig"),
+    ("Adaptation to a microscope (`semray adapt`)", "semray.config.adapt.AdaptConfig"),
 )
 
 _HEADER = """\

@@ -1,0 +1,29 @@
+"""Adapting a denoiser to a user's microscope from their noisy images alone (``semray adapt``).
+
+* :mod:`semray.adapt.inputs`: reading and checking the images, frame averaging, tiles, user shards;
+* :mod:`semray.adapt.plan`: the fine-tune's TrainConfig (the one call into training's config);
+* :mod:`semray.adapt.select`: choosing a checkpoint without clean images (structN2V / Noise2Noise scores);
+* :mod:`semray.adapt.report`: no-reference statistics, figures and the HTML page;
+* :mod:`semray.adapt.driver`: :func:`run_adapt`, the one driver over all of the above.
+
+The names below are imported lazily, so the config (which checks its ``train`` overrides through
+:mod:`semray.adapt.plan`) does not pull in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AdaptInputError", "AdaptResult", "run_adapt"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AdaptResult", "run_adapt"):
+        from semray.adapt import driver
+
+        return getattr(driver, name)
+    if name == "AdaptInputError":
+        from semray.adapt.inputs import AdaptInputError
+
+        return AdaptInputError
+    raise AttributeError(f"module 'semray.adapt' has no attribute {name!r}")

@@ -1,0 +1,499 @@
+"""``semray adapt``: one driver from a folder of the user's noisy images to an adapted, registered model
+and a no-reference report (calibrate -> synthesise -> fine-tune -> choose -> register -> report).
+
+It only orchestrates: calibration is :mod:`semray.calibrate`, denoising :class:`semray.infer.Denoiser`,
+synthetic patterns :func:`semray.data.synthesize_shards`, training :func:`semray.train.runner.train`
+(the ``semray train --init`` path, on Ray Train), registration
+:func:`semray.train.mlflow_log.log_final_model`. Everything is written into a staging folder next to
+``out_dir`` and moved into place at the end, so a failed run leaves no half-written ``out_dir`` (and
+its MLflow parent run is marked FAILED).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semray.adapt.inputs import (
+    AdaptInputError,
+    UserImage,
+    average_frames,
+    held_back_crops,
+    read_inputs,
+    split_tiles,
+    user_records,
+    write_user_shards,
+)
+from semray.config.adapt import AdaptConfig
+from semray.config.base import dump_yaml, flatten
+
+CALIB_DIR, MODEL_DIR, FIG_DIR, WORK_DIR = "calibration", "model", "figures", "work"
+
+
+@dataclass
+class AdaptResult:
+    """Where everything went: ``out_dir`` (model/, report.html, report.json, figures/, calibration/)."""
+
+    out_dir: Path
+    model_dir: Path
+    registry_uri: str | None
+    parent_run_id: str
+    child_run_id: str | None
+    selection: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    verdict: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> str:
+        return "\n".join(
+            [
+                self.verdict,
+                f"  model:        {self.out_dir / MODEL_DIR}  ({self.registry_uri})",
+                f"  report:       {self.out_dir / 'report.html'}",
+                f"  MLflow:       parent run {self.parent_run_id}, training run {self.child_run_id}",
+                f"  chosen epoch: {self.selection.get('chosen_epoch')} (best by synthetic-pair val_psnr: "
+                f"{self.selection.get('best_synthetic_epoch')}, "
+                f"{self.selection.get('gap_db_to_best_synthetic', float('nan')):.2f} dB above the chosen)",
+            ]
+        )
+
+
+@dataclass
+class _Data:
+    """The user's images as the run uses them: noisy inputs, clean proxies, tiles, held-back crops."""
+
+    noisy: list[np.ndarray]
+    proxies: list[np.ndarray]
+    names: list[str]
+    tiles: list[Any]
+    crops: np.ndarray
+    crops2: np.ndarray | None = None
+    shifts: list[list[float]] | None = None
+
+
+def _stage_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.adapt-partial-{os.getpid()}"
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise AdaptInputError(
+            f"{out_dir}: output folder exists and is not empty (use --overwrite to replace it)"
+        )
+
+
+def run_adapt(
+    inputs: Sequence[str | Path], out_dir: str | Path, cfg: AdaptConfig | None = None, overwrite: bool = False
+) -> AdaptResult:
+    """Adapt ``cfg.init`` to the noisy images under ``inputs``; write the model and report to ``out_dir``.
+
+    Raises:
+        AdaptInputError: unreadable / too small / mixed images (naming the files), calibration impossible
+            on them, or an existing non-empty ``out_dir`` without ``overwrite``. Nothing is written then.
+    """
+    cfg = cfg or AdaptConfig()
+    out = Path(out_dir).expanduser().resolve()
+    _check_out(out, overwrite)
+    users = read_inputs(inputs, cfg.user.min_side_px, cfg.frames)
+    stage = _stage_for(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    client, parent = _start_parent(cfg, users)
+    try:
+        result = _run(users, stage, cfg, client, parent)
+        _publish(stage, out, cfg.keep_work)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        client.set_terminated(parent, status="FAILED")
+        raise
+    client.set_terminated(parent, status="FINISHED")
+    result.out_dir, result.model_dir = out, out / MODEL_DIR
+    return result
+
+
+def _publish(stage: Path, out: Path, keep_work: bool) -> None:
+    if not keep_work:
+        shutil.rmtree(stage / WORK_DIR, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(stage, out)
+
+
+def _start_parent(cfg: AdaptConfig, users: Sequence[UserImage]) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from semray.tracking import configure, get_or_create_experiment
+
+    uri = configure()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = get_or_create_experiment(cfg.mlflow.experiment)
+    name = "adapt-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run = client.create_run(exp, run_name=name, tags={"semray.kind": "adapt", "semray.init_model": cfg.init})
+    rid = run.info.run_id
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    params.append(Param("n_images", str(len(users))))
+    for i in range(0, len(params), 100):
+        client.log_batch(rid, params=params[i : i + 100])
+    client.log_text(rid, dump_yaml(cfg), "config/adapt.yaml")
+    client.log_text(rid, "\n".join(str(u.path) for u in users) + "\n", "inputs.txt")
+    return client, rid
+
+
+class _Clock:
+    """Wall time of each phase (seconds), for the budget in docs/adapt.md."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.t, 2)
+        self.t = now
+
+
+def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any, parent: str) -> AdaptResult:
+    (stage / "adapt.yaml").write_text(dump_yaml(cfg))
+    clock = _Clock()
+    calib = _calibrate(users, stage / CALIB_DIR, cfg)
+    clock.lap("calibrate")
+    data = _prepare_data(users, cfg)
+    clock.lap("proxies")
+    user_dir, synth_dir = _write_shards(data, calib, stage / WORK_DIR / "shards", cfg)
+    clock.lap("shards")
+    trained, tcfg = _fine_tune(cfg, calib, data, user_dir, synth_dir, stage)
+    clock.lap("train")
+    if trained.mlflow_run_id:
+        client.set_tag(trained.mlflow_run_id, "mlflow.parentRunId", parent)
+    selection = _choose(cfg, calib, data, trained.run_dir)
+    clock.lap("select")
+    card_extra = _card_extra(trained.model_dir, selection, calib, users)
+    model_dir = _export_model(selection, stage / MODEL_DIR, card_extra)
+    reg = _register(tcfg, trained.mlflow_run_id, model_dir, data.crops[:1, None], cfg)
+    clock.lap("register")
+    report = _report(cfg, calib, data, model_dir, selection, reg, stage)
+    clock.lap("report")
+    (stage / "timings.json").write_text(
+        json.dumps(clock.laps | {"total": sum(clock.laps.values())}, indent=2)
+    )
+    for sub in (CALIB_DIR, FIG_DIR):
+        client.log_artifacts(parent, str(stage / sub), sub)
+    for f in ("report.html", "report.json", "adapt.yaml", "timings.json"):
+        client.log_artifact(parent, str(stage / f))
+    _log_parent_summary(client, parent, report, trained.mlflow_run_id, reg)
+    client.log_batch(parent, metrics=[_metric(f"time_{k}_s", v) for k, v in clock.laps.items()])
+    return AdaptResult(
+        stage, model_dir, reg.get("registry_uri"), parent, trained.mlflow_run_id,
+        report["selection"], report["summary"], report["verdict"], clock.laps,
+    )  # fmt: skip
+
+
+def _metric(key: str, value: float) -> Any:
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _calibrate(users: Sequence[UserImage], out: Path, cfg: AdaptConfig) -> Any:
+    """Fit the noise model (semray.calibrate's public API); its YAML, JSON and figure go to ``out``."""
+    from semray.calibrate import run_calibration
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_calibration([u.path for u in users], out / "noise.yaml")
+    except ValueError as e:
+        names = ", ".join(str(u.path) for u in users)
+        raise AdaptInputError(f"calibration failed on {names}: {e}") from e
+
+
+def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
+    names = [str(u.path) for u in users]
+    if cfg.frames:
+        frames, mean, shifts = average_frames([u.image for u in users])
+        tiles = split_tiles([mean.shape], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
+        s = cfg.selection
+        crops = held_back_crops([frames[0]], tiles, s.crop_px, s.max_crops)
+        crops2 = held_back_crops([frames[1]], tiles, s.crop_px, s.max_crops)
+        return _Data(frames, [mean], [f"average of {len(frames)} frames"], tiles, crops, crops2, shifts)
+    from semray.infer import Denoiser
+
+    den = Denoiser(model=cfg.init, device="cpu")
+    proxies = [den(u.image) for u in users]
+    noisy = [u.image for u in users]
+    tiles = split_tiles([p.shape for p in proxies], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
+    crops = held_back_crops(noisy, tiles, cfg.selection.crop_px, cfg.selection.max_crops)
+    return _Data(noisy, proxies, names, tiles, crops)
+
+
+def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tuple[Path, Path]:
+    from semray.config.base import load_config
+    from semray.config.data import DatasetConfig
+    from semray.data import synthesize_shards
+
+    write_user_shards(user_records(data.proxies, data.names, data.tiles), root / "user")
+    s = cfg.synthetic
+    dcfg = load_config(
+        DatasetConfig,
+        {"seed": s.seed, "height": s.size_px, "width": s.size_px, "n_train": s.n_train, "n_val": s.n_val,
+         "n_test": 0, "noise": calib.noise_config.model_dump(mode="json")},
+    )  # fmt: skip
+    synthesize_shards(dcfg, root / "synthetic", parallel=False, progress=False)
+    return root / "user", root / "synthetic"
+
+
+def _fine_tune(
+    cfg: AdaptConfig, calib: Any, data: _Data, user: Path, synth: Path, stage: Path
+) -> tuple[Any, Any]:
+    from semray.adapt.plan import build_train_config
+    from semray.train.runner import train
+
+    side = min([min(t.size_y, t.size_x) for t in data.tiles] + [cfg.synthetic.size_px])
+    crop = max(16, min(cfg.optim.crop_px, side) // 8 * 8)
+    tcfg = build_train_config(
+        cfg, calib.noise_config, str(user), str(synth), str(stage / WORK_DIR / "train"),
+        run_name="adapt-train", crop_px=crop, val_crop_px=max(16, min(128, side) // 8 * 8),
+    )  # fmt: skip
+    (stage / "train.yaml").write_text(dump_yaml(tcfg))
+    return train(tcfg), tcfg
+
+
+def _half_length(cfg: AdaptConfig, calib: Any) -> int:
+    """structN2V blind segment: the configured one, else twice the fitted fast-axis correlation length."""
+    if cfg.selection.half_length is not None:
+        return cfg.selection.half_length
+    corr = calib.estimates.get("fast_axis_noise_corr")
+    length = calib.estimates.get("fast_axis_corr_length_px")
+    if corr is None or not corr.detected or length is None or not math.isfinite(length.value):
+        return 0
+    return int(min(8, max(1, math.ceil(2 * length.value))))
+
+
+def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
+    from semray.adapt.select import checkpoint_candidates, make_masks, n2n_score, select, structn2v_score
+    from semray.models.resolve import resolve_model
+
+    init_net = resolve_model(cfg.init).model
+    if data.crops2 is not None:
+        second = data.crops2
+
+        def score(net: Any) -> float:
+            return n2n_score(net, data.crops, second)
+
+        criterion = "n2n"
+    else:
+        s = cfg.selection
+        masks = make_masks(data.crops, s.fraction, s.repeats, _half_length(cfg, calib), s.seed)
+
+        def score(net: Any) -> float:
+            return structn2v_score(net, data.crops, masks)
+
+        criterion = "structn2v"
+    return select(checkpoint_candidates(run_dir), score(init_net), score, criterion)
+
+
+def _card_extra(
+    train_model_dir: str | None, selection: Any, calib: Any, users: Sequence[UserImage]
+) -> dict[str, Any]:
+    from semray.models.store import read_card
+
+    card = read_card(train_model_dir) if train_model_dir else {}
+    extra = {k: card[k] for k in ("parent", "data_sources") if k in card}
+    extra["adapt"] = {
+        "selection": selection.as_dict(),
+        "noise_config": calib.noise_config.model_dump(mode="json"),
+        "images": [str(u.path) for u in users],
+    }
+    return extra
+
+
+def _export_model(selection: Any, out: Path, extra: dict[str, Any]) -> Path:
+    """Copy the chosen checkpoint's model (safetensors + card) to ``out`` and add the adapt facts to its card."""
+    from semray.models.store import CARD_FILE
+
+    src = selection.model_dirs[selection.chosen_epoch]
+    shutil.copytree(src, out)
+    card = json.loads((out / CARD_FILE).read_text())
+    card.update(extra)
+    card["description"] = f"semray adapt: {card.get('description', '')} (chosen without clean images)"
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return out
+
+
+def _register(
+    tcfg: Any, run_id: str | None, model_dir: Path, example: np.ndarray, cfg: AdaptConfig
+) -> dict[str, Any]:
+    """Log the chosen model to the training (child) run and register it under ``cfg.mlflow`` with its alias."""
+    if run_id is None:
+        return {"registry_uri": None}
+    from semray.train.mlflow_log import log_final_model
+
+    reg_cfg = tcfg.model_copy(deep=True)
+    reg_cfg.mlflow.register_model = True
+    reg_cfg.mlflow.registered_model = cfg.mlflow.registered_model
+    reg_cfg.mlflow.alias = cfg.mlflow.alias
+    reg = log_final_model(reg_cfg, run_id, model_dir, example.astype(np.float32))
+    alias_uri = f"models:/{reg.name}@{reg.alias}" if reg.alias else reg.registry_uri
+    return {"registry_uri": alias_uri, "version": reg.version, "model_uri": reg.model_uri, "name": reg.name}
+
+
+def _report(
+    cfg: AdaptConfig,
+    calib: Any,
+    data: _Data,
+    model_dir: Path,
+    selection: Any,
+    reg: dict[str, Any],
+    stage: Path,
+) -> dict[str, Any]:
+    """Shipped vs adapted on the user's images without clean references: report.json, report.html, figures/."""
+    from semray.adapt import report as rp
+
+    per_image, shown, closures = _per_image_stats(cfg, calib, data, model_dir)
+    summary = rp.summarise(per_image)
+    sel = selection.as_dict() | {"chosen_score": selection.chosen["score"]}
+    figs = stage / FIG_DIR
+    figs.mkdir(parents=True, exist_ok=True)
+    noise_acf = closures[0]["acf_synth"] if closures else None
+    figures = {
+        "side-by-side crops": _crops_figure(shown, cfg.report.crop_px, figs / "crops.png"),
+        "residual autocorrelation": rp.acf_figure(summary, noise_acf, figs / "residual_acf.png"),
+        "checkpoint choice": rp.selection_figure(sel, figs / "selection.png"),
+    }
+    calib_png = stage / CALIB_DIR / "noise.png"
+    if calib_png.is_file():
+        figures["calibration (real vs synthetic from the fit)"] = calib_png
+    report = {
+        "images": data.names[: len(per_image)],
+        "per_image": per_image,
+        "summary": summary,
+        "selection": sel,
+        "closure": closures,
+        "calibration_summary": _calibration_summary(calib),
+        "model": {"dir": MODEL_DIR, "registry_uri": reg.get("registry_uri"), "version": reg.get("version")},
+        "frames": {"n": len(data.noisy), "shifts": data.shifts} if data.shifts is not None else None,
+        "verdict": _verdict(selection),
+    }
+    (stage / "report.json").write_text(json.dumps(_finite(report), indent=2))
+    rp.write_html(
+        report, {k: str(Path(v).relative_to(stage)) for k, v in figures.items()}, stage / "report.html"
+    )
+    return report
+
+
+def _per_image_stats(
+    cfg: AdaptConfig, calib: Any, data: _Data, model_dir: Path
+) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, ...]], list[dict[str, Any]]]:
+    """Denoise the first ``report.max_images`` inputs with both models; statistics, crops, closure."""
+    from semray.adapt import report as rp
+    from semray.infer import Denoiser
+    from semray.noise import synthesize
+
+    shipped = Denoiser(model=cfg.init, device="cpu")
+    adapted = Denoiser(model=str(model_dir), device="cpu")
+    rows, shown, closures = [], [], []
+    for i, noisy in enumerate(data.noisy[: cfg.report.max_images]):
+        # without --frames the proxies *are* the shipped model's outputs: no need to denoise again
+        d_s = shipped(noisy) if data.shifts is not None else data.proxies[i]
+        d_a = adapted(noisy)
+        rows.append(
+            {
+                "image": data.names[min(i, len(data.names) - 1)],
+                "noise_sigma_input": rp.noise_sigma(noisy),
+                "shipped": rp.image_stats(noisy, d_s, cfg.report.max_lag),
+                "adapted": rp.image_stats(noisy, d_a, cfg.report.max_lag),
+            }
+        )
+        if len(shown) < 3:
+            shown.append((noisy, d_s, d_a))
+        if len(closures) < 3:
+            proxy = data.proxies[min(i, len(data.proxies) - 1)]
+            synth, _ = synthesize(proxy, calib.noise_config, np.random.default_rng([cfg.seed, 5, i]))
+            closures.append(rp.closure(noisy, proxy, synth) | {"image": rows[-1]["image"]})
+    return rows, shown, closures
+
+
+def _crops_figure(shown: Sequence[tuple[np.ndarray, ...]], crop_px: int, out_png: Path) -> Path:
+    from semray.figures import image_grid
+
+    rows = []
+    for noisy, d_s, d_a in shown:
+        h, w = noisy.shape
+        s = min(crop_px, h, w)
+        y, x = (h - s) // 2, (w - s) // 2
+        c = [a[y : y + s, x : x + s] for a in (noisy, d_s, d_a)]
+        rows.append([c[0], c[1], c[2], c[0] - c[1], c[0] - c[2]])
+    cols = ["noisy", "shipped", "adapted", "noisy - shipped", "noisy - adapted"]
+    cmaps = ["gray", "gray", "gray", "RdBu", "RdBu"]
+    return image_grid(rows, cols, out_png, title="centre crops: shipped vs adapted", cmaps=cmaps)
+
+
+def _calibration_summary(calib: Any) -> dict[str, Any]:
+    keep = ("dose_e_per_px", "read_noise_sigma", "scan_line_offset_sigma", "fast_axis_noise_corr",
+            "slow_axis_noise_corr", "line_jitter_px")  # fmt: skip
+    est = {
+        k: {"value": v.value, "stderr": v.stderr, "detected": v.detected}
+        for k, v in calib.estimates.items()
+        if k in keep
+    }
+    return {"estimates": est, "warnings": list(calib.warnings)}
+
+
+def _verdict(selection: Any) -> str:
+    gain = selection.improvement
+    rel = gain / selection.init_score if selection.init_score else float("nan")
+    if gain > 0:
+        return (
+            f"adapted model estimated better on your images: {selection.criterion} score {selection.chosen['score']:.5g} "
+            f"vs {selection.init_score:.5g} for the init model ({100 * rel:.1f} % lower; the difference estimates "
+            "the reduction in squared error against the unseen clean image)"
+        )
+    return (
+        f"adaptation did NOT improve the no-reference score ({selection.chosen['score']:.5g} vs "
+        f"{selection.init_score:.5g} for the init model): keep the init model for these images"
+    )
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, np.generic):
+        return _finite(v.item())
+    return v
+
+
+def _log_parent_summary(
+    client: Any, parent: str, report: dict[str, Any], child: str | None, reg: dict[str, Any]
+) -> None:
+    s, sel = report["summary"], report["selection"]
+    metrics = {
+        "noise_sigma_input": s["noise_sigma_input"],
+        "selfsup_score_init": sel["init_score"],
+        "selfsup_score_adapted": sel["chosen_score"],
+        "chosen_epoch": sel["chosen_epoch"],
+        "gap_db_to_best_synthetic": sel["gap_db_to_best_synthetic"],
+    }
+    for m in ("shipped", "adapted"):
+        metrics[f"noise_sigma_left_{m}"] = s[m]["noise_sigma_left"]
+        metrics[f"signal_leak_{m}"] = s[m]["signal_leak"]
+    for k, v in metrics.items():
+        if v is not None and math.isfinite(float(v)):
+            client.log_metric(parent, k, float(v))
+    client.set_tag(parent, "semray.child_run_id", child or "")
+    client.set_tag(parent, "semray.registered_model", reg.get("registry_uri") or "")

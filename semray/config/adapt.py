@@ -1,0 +1,173 @@
+"""Config of ``semray adapt``: adapt a denoiser to a user's noisy images (no clean references).
+
+One object, validated before any work starts and logged in full (MLflow params of the parent run and
+``adapt.yaml`` in the output folder). YAML example (every key optional)::
+
+    init: default
+    frames: false
+    user: {tile_px: 256, val_fraction: 0.2, weight: 0.6}
+    synthetic: {n_train: 32, size_px: 256, weight: 0.4}
+    optim: {epochs: 8, steps_per_epoch: 60, lr: 2.0e-4}
+    selection: {fraction: 0.05, repeats: 4}
+    report: {max_images: 8, crop_px: 192}
+    mlflow: {experiment: semray-adapt, registered_model: semray-adapted, alias: adapted}
+    train: {scaling: {num_workers: 2}}     # any TrainConfig field, merged last
+
+Defaults are sized for the budget in the README: 20 images of 1024 x 1024 in at most 30 minutes on a
+2-core CPU (see docs/adapt.md for how that was estimated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from semray.config.base import StrictModel
+
+#: Name of the user-content source in the training mix (metric suffix ``val_psnr/user``).
+USER_SOURCE = "user"
+#: Name of the synthetic-pattern source in the training mix.
+SYNTH_SOURCE = "synthetic"
+
+
+class UserContentSection(StrictModel):
+    """The user's own content: denoised (or frame-averaged) images as clean proxies, re-noised in training."""
+
+    tile_px: int = Field(
+        256,
+        ge=32,
+        le=4096,
+        description="Side of the tiles the proxies are cut into (px; smaller images: one tile).",
+    )
+    val_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the tiles held back (at least one): never trained on, they validate the "
+        "synthetic pairs (val_*/user) and, noisy, select the checkpoint without clean images.",
+    )
+    weight: float = Field(
+        0.6, gt=0, le=1000, description="Share of the training crops from the user's content."
+    )
+    min_side_px: int = Field(
+        64,
+        ge=32,
+        le=4096,
+        description="Smallest image side accepted (px); smaller images are refused by name.",
+    )
+
+
+class SyntheticSection(StrictModel):
+    """semray's own wafer patterns, noised with the fitted noise model."""
+
+    n_train: int = Field(32, ge=1, le=100_000, description="Synthetic training images.")
+    n_val: int = Field(4, ge=1, le=10_000, description="Synthetic validation images (val_*/synthetic).")
+    size_px: int = Field(256, ge=32, le=4096, description="Side of the synthetic images (px).")
+    weight: float = Field(
+        0.4, gt=0, le=1000, description="Share of the training crops from synthetic patterns."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the synthetic set.")
+
+
+class AdaptOptimSection(StrictModel):
+    """The fine-tune's length and learning rate (the rest: TrainConfig defaults, or ``train``)."""
+
+    epochs: int = Field(8, ge=1, le=10_000, description="Epochs; every epoch's checkpoint is a candidate.")
+    steps_per_epoch: int = Field(60, ge=1, le=1_000_000, description="Optimiser steps per worker per epoch.")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (the fine-tune default).")
+    crop_px: int = Field(64, ge=16, le=1024, description="Training crop side (px).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Crops per step per worker.")
+    num_workers: int = Field(2, ge=1, le=1024, description="Ray Train workers.")
+
+
+class SelectionSection(StrictModel):
+    """Choosing the checkpoint without clean images (see semray.adapt.select)."""
+
+    fraction: float = Field(
+        0.05, gt=0.0, le=0.25, description="Blind pixels per held-back crop and mask draw (structN2V score)."
+    )
+    repeats: int = Field(
+        4, ge=1, le=64, description="Independent mask draws per crop (more: lower variance)."
+    )
+    crop_px: int = Field(128, ge=32, le=1024, description="Side of the held-back noisy crops scored (px).")
+    max_crops: int = Field(64, ge=1, le=10_000, description="At most this many held-back crops are scored.")
+    half_length: int | None = Field(
+        None,
+        ge=0,
+        le=32,
+        description="structN2V blind segment half-length along x (px); None = from the calibrated fast-axis "
+        "correlation length (0 when no correlation was detected).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the masks (the same masks score every checkpoint).")
+
+
+class ReportSection(StrictModel):
+    """The no-reference report on the user's images (shipped vs adapted)."""
+
+    max_images: int = Field(8, ge=1, le=10_000, description="Images denoised for the report (the first N).")
+    crop_px: int = Field(192, ge=32, le=2048, description="Side of the side-by-side crops (px).")
+    max_lag: int = Field(6, ge=1, le=64, description="Largest lag of the residual autocorrelation (px).")
+
+
+class AdaptMlflowSection(StrictModel):
+    """The parent run and the registered model."""
+
+    experiment: str = Field(
+        "semray-adapt", min_length=1, description="MLflow experiment (parent and child run)."
+    )
+    registered_model: str = Field(
+        "semray-adapted", min_length=1, description="Registry name of the adapted model."
+    )
+    alias: str = Field(
+        "adapted",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="Alias set on it (models:/NAME@ALIAS).",
+    )
+
+
+class AdaptConfig(StrictModel):
+    """One ``semray adapt`` run."""
+
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed of training (noise, crops) and the tile split."
+    )
+    init: str = Field(
+        "default",
+        min_length=1,
+        description="Model to adapt: 'default' (shipped), a folder, models:/NAME@ALIAS.",
+    )
+    frames: bool = Field(
+        False,
+        description="The images are repeated scans of ONE field: register them to the first and use their "
+        "average as the clean proxy (instead of the init model's output); the checkpoint is then chosen by a "
+        "Noise2Noise score between independent scans.",
+    )
+    user: UserContentSection = Field(default_factory=UserContentSection, description="User content source.")
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection, description="Synthetic source.")
+    optim: AdaptOptimSection = Field(default_factory=AdaptOptimSection, description="Fine-tune budget.")
+    selection: SelectionSection = Field(default_factory=SelectionSection, description="Checkpoint choice.")
+    report: ReportSection = Field(default_factory=ReportSection, description="No-reference report.")
+    mlflow: AdaptMlflowSection = Field(default_factory=AdaptMlflowSection, description="Tracking, registry.")
+    keep_work: bool = Field(
+        False,
+        description="Keep the shards and training checkpoints under OUT/work (else removed at the end).",
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra TrainConfig fields merged last (e.g. {scaling: {cpus_per_worker: 0.5}}); validated "
+        "as a TrainConfig before any work starts.",
+    )
+
+    @model_validator(mode="after")
+    def _train_overrides_valid(self) -> AdaptConfig:
+        # Built here so a bad `train` entry fails before calibration, naming the field.
+        from semray.adapt.plan import build_train_config
+        from semray.config.base import ConfigError
+
+        try:
+            build_train_config(self, noise=None, user_shards="user", synth_shards="synthetic", storage="runs")
+        except ConfigError as e:
+            detail = str(e).split("\n", 1)[-1].strip()
+            raise ValueError(f"`train` does not make a valid TrainConfig: {detail}") from None
+        return self

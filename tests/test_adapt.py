@@ -1,0 +1,260 @@
+"""``semray adapt``: inputs checks, the no-reference statistics and scores (known values), and one run
+end to end through the CLI on images whose noise the shipped model never saw.
+
+The domain (benchmarks/adapt.py): semray wafers plus Gaussian noise sigma 0.1 correlated along x by an
+AR(1) filter with lag-1 correlation 0.5.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from semray.adapt import report as rp
+from semray.adapt.inputs import AdaptInputError, average_frames, read_inputs, split_tiles
+from semray.adapt.select import make_masks, n2n_score, structn2v_score
+from semray.cli import main
+from semray.config.adapt import AdaptConfig
+from semray.config.base import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("adapt_bench", ROOT / "benchmarks" / "adapt.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Const(torch.nn.Module):
+    """A 'denoiser' that outputs fixed images (N, H, W) whatever it is given (the oracle: the clean ones)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        super().__init__()
+        self.images = torch.from_numpy(images)
+        self.k = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.images[self.k : self.k + len(x)][:, None]
+        self.k = (self.k + len(x)) % len(self.images)
+        return out
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure statistics and scores
+# --------------------------------------------------------------------------------------------------
+
+
+def test_noise_sigma_and_residual_acf_recover_known_noise() -> None:
+    rng = np.random.default_rng(0)
+    white = 0.05 * rng.standard_normal((256, 256))
+    assert rp.noise_sigma(0.5 + white) == pytest.approx(0.05, rel=0.05)
+    ar = _bench().ar1_rows(rng.standard_normal((256, 256)), 0.5)
+    acf = rp.residual_acf(ar, 3)
+    assert acf["x"] == pytest.approx([0.5, 0.25, 0.125], abs=0.03)  # rho^lag along the filtered axis
+    assert acf["y"] == pytest.approx([0.0, 0.0, 0.0], abs=0.03)
+
+
+def test_signal_leak_sees_blurred_edges_not_noise() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    clean = np.zeros((128, 128))
+    clean[:, ::16] = 1.0
+    clean = gaussian_filter(clean, 1.0)
+    noisy = clean + 0.05 * rng.standard_normal(clean.shape)
+    assert abs(rp.signal_leak(noisy - clean, clean)) < 0.05  # a perfect denoiser leaves only noise
+    over = gaussian_filter(noisy, 3.0)  # blurs the lines away too
+    assert rp.signal_leak(noisy - over, over) < -0.05 or rp.signal_leak(noisy - over, noisy) > 0.2
+
+
+def test_closure_matches_itself_and_sees_a_wrong_sigma() -> None:
+    rng = np.random.default_rng(2)
+    proxy = np.tile(np.linspace(0.1, 0.9, 128), (128, 1))
+    real = proxy + 0.05 * rng.standard_normal(proxy.shape)
+    good = rp.closure(real, proxy, proxy + 0.05 * rng.standard_normal(proxy.shape))
+    bad = rp.closure(real, proxy, proxy + 0.1 * rng.standard_normal(proxy.shape))
+    ok = [r for r in good["std_ratio"] if np.isfinite(r)]
+    assert ok and all(abs(r - 1) < 0.1 for r in ok) and good["acf_abs_diff"] < 0.05
+    assert all(abs(r - 2) < 0.2 for r in bad["std_ratio"] if np.isfinite(r))
+
+
+def test_structn2v_score_is_mse_plus_noise_variance() -> None:
+    """Oracle (outputs the clean image): score = noise variance; identity: about twice that, and worse."""
+    rng = np.random.default_rng(3)
+    clean = np.tile(np.linspace(0.2, 0.8, 64, dtype=np.float32), (16, 64, 1))
+    noisy = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    masks = make_masks(noisy, 0.05, 2, half_length=0, seed=0)
+    oracle = structn2v_score(_Const(clean), noisy, masks)
+    assert oracle == pytest.approx(0.01, rel=0.1)
+    assert structn2v_score(_Identity(), noisy, masks) > 1.5 * oracle
+    second = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    assert n2n_score(_Const(clean), noisy, second) == pytest.approx(0.01, rel=0.1)
+    assert n2n_score(_Identity(), noisy, second) == pytest.approx(0.02, rel=0.1)
+
+
+def test_tiles_hold_back_some_and_train_on_the_rest() -> None:
+    tiles = split_tiles([(96, 96), (200, 130)], 48, 0.25, seed=0)
+    splits = [t.split for t in tiles]
+    assert "val" in splits and "train" in splits
+    assert splits.count("val") == round(0.25 * len(tiles))
+    cover = np.zeros((96, 96), int)
+    for t in tiles:
+        if t.index == 0:
+            cover[t.y : t.y + t.size_y, t.x : t.x + t.size_x] += 1
+    assert (cover == 1).all()  # non-overlapping, complete
+    one = split_tiles([(64, 64)], 256, 0.2, seed=0)  # a single tile is halved: train top, val bottom
+    assert [(t.split, t.size_y) for t in one] == [("train", 32), ("val", 32)]
+
+
+def test_frames_are_registered_before_averaging() -> None:
+    from scipy.ndimage import shift
+
+    rng = np.random.default_rng(4)
+    field = np.clip(
+        0.5 + 0.3 * np.sin(np.arange(96) / 3.0)[None] * np.cos(np.arange(96) / 5.0)[:, None], 0, 1
+    )
+    frames = [shift(field, (dy, dx), order=1, mode="nearest") + 0.05 * rng.standard_normal(field.shape)
+              for dy, dx in ((0, 0), (2, -3), (-1, 2))]  # fmt: skip
+    moved, mean, shifts = average_frames([f.astype(np.float32) for f in frames])
+    assert np.allclose(shifts[1], [-2, 3], atol=0.2) and np.allclose(shifts[2], [1, -2], atol=0.2)
+    m = int(np.ceil(np.abs(shifts).max()))  # the extrapolated border of the largest shift is trimmed
+    assert mean.shape == moved[0].shape == (96 - 2 * m, 96 - 2 * m) and m in (3, 4)
+    # the mean of 3 registered frames has about 1/sqrt(3) of one frame's noise
+    assert rp.noise_sigma(mean) < 0.75 * rp.noise_sigma(moved[0])
+
+
+def test_config_checks_the_train_overrides_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"train.*optim\.lr"):
+        load_config(AdaptConfig, {"train": {"optim": {"lr": -1}}})
+    with pytest.raises(ConfigError, match="user.val_fraction"):
+        load_config(AdaptConfig, None, ["user.val_fraction=1.5"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the files, nothing written
+# --------------------------------------------------------------------------------------------------
+
+
+def _pngs(tmp: Path, n: int = 3, size: int = 96) -> list[Path]:
+    _, noisy = _bench().domain_images(n, size, 0.1, 0.5, seed=1)
+    return _bench().write_pngs(noisy, tmp)
+
+
+def test_bad_inputs_fail_naming_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from semray.io import ImageMeta, write_image
+
+    good = _pngs(tmp_path / "in")
+    broken = tmp_path / "in" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    tiny = write_image(
+        tmp_path / "in" / "tiny.png", np.full((40, 40), 0.5, np.float32), ImageMeta("uint16", (0, 0), "png")
+    )
+    flat = write_image(
+        tmp_path / "in" / "flat.png", np.full((96, 96), 0.5, np.float32), ImageMeta("uint16", (0, 0), "png")
+    )
+    noisy8 = _bench().domain_images(1, 96, 0.1, 0.5, seed=9)[1][0]
+    eight = write_image(tmp_path / "in" / "eight.png", noisy8, ImageMeta("uint8", (0, 0), "png"))
+    out = tmp_path / "out"
+    rc = main(["adapt", str(tmp_path / "in"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for p in (broken, tiny, flat, eight, good[0]):
+        assert str(p) in err  # broken, too small, constant, and the mixed 8/16-bit groups are all named
+    assert "too small" in err and "constant image" in err and "mixed dtypes" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.adapt-partial-*"))
+    with pytest.raises(AdaptInputError, match="needs at least two scans"):
+        read_inputs(good[:1], 64, frames=True)
+
+
+def test_a_failure_mid_run_leaves_nothing_and_a_failed_run(
+    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calibration has written its files into the staging folder when training fails: all of it goes,
+    no output folder appears, and the MLflow parent run is FAILED."""
+    from mlflow import MlflowClient
+
+    from semray.adapt import driver, run_adapt
+
+    def boom(*args: object, **kwargs: object) -> None:
+        assert any(driver._stage_for((tmp_path / "out").resolve()).rglob("noise.yaml"))
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(driver, "_fine_tune", boom)
+    cfg = load_config(AdaptConfig, None, ["user.tile_px=48", "report.max_images=1"])
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_adapt(_pngs(tmp_path / "in", n=2), tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.adapt-partial-*"))
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("semray-adapt").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through the CLI
+# --------------------------------------------------------------------------------------------------
+
+TINY = [
+    "optim.epochs=2", "optim.steps_per_epoch=3", "optim.batch_size=4", "optim.num_workers=1",
+    "synthetic.n_train=4", "synthetic.n_val=2", "synthetic.size_px=64", "user.tile_px=48",
+    "report.max_images=2", "report.crop_px=64", "selection.repeats=2",
+    "train.scaling={num_workers: 1, cpus_per_worker: 1, data_cpus: 0.5}",
+]  # fmt: skip
+
+
+def test_adapt_end_to_end_through_the_cli(tmp_path: Path, ray_local: None, mlflow_store: str) -> None:
+    from mlflow import MlflowClient
+
+    from semray.models.resolve import resolve_model
+    from semray.models.store import load_model
+
+    inputs = _pngs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["adapt", *map(str, inputs), "--out", str(out), "--json", str(tmp_path / "res.json")]
+    assert main([*args, *(f"--set={s}" for s in TINY)]) == 0
+    for f in ("report.html", "report.json", "adapt.yaml", "train.yaml", "model/model.safetensors",
+              "calibration/noise.yaml", "calibration/noise.json", "figures/crops.png",
+              "figures/residual_acf.png", "figures/selection.png"):  # fmt: skip
+        assert (out / f).is_file(), f
+    assert not (out / "work").exists() and not list(tmp_path.glob(".out.adapt-partial-*"))
+    report = json.loads((out / "report.json").read_text())
+    sel = report["selection"]
+    assert [r["epoch"] for r in sel["rows"]] == [0, 1]  # every epoch was a candidate
+    assert sel["chosen_score"] == min(r["score"] for r in sel["rows"])
+    assert sel["criterion"] == "structn2v" and sel["gap_db_to_best_synthetic"] >= 0
+    assert all("val_psnr/user" in r and "val_psnr/synthetic" in r for r in sel["rows"])
+    assert len(report["per_image"]) == 2 and report["summary"]["noise_sigma_input"] > 0.03
+    _, card = load_model(out / "model")
+    assert card["adapt"]["selection"]["chosen_epoch"] == sel["chosen_epoch"]
+    assert card["parent"]["spec"] == "default" and {s["name"] for s in card["data_sources"]} == {
+        "user",
+        "synthetic",
+    }
+
+    res = json.loads((tmp_path / "res.json").read_text())
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(res["parent_run_id"])
+    child = client.get_run(res["child_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["semray.kind"] == "adapt"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.params["optim.epochs"] == "2" and "selfsup_score_adapted" in parent.data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"calibration", "figures", "report.html", "report.json"} <= arts
+    assert res["registry_uri"] == "models:/semray-adapted@adapted"
+    mv = client.get_model_version_by_alias("semray-adapted", "adapted")
+    assert mv.run_id == child.info.run_id
+    registered = resolve_model("models:/semray-adapted@adapted")
+    assert registered.card["weights_sha256"] == card["weights_sha256"]
