@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+# the job-submission test reuses the throw-away Ray head of the tune job tests (fixture + job wait)
+from test_tune import _wait, ray_head  # noqa: F401
+
 from semray.adapt import report as rp
 from semray.adapt.inputs import AdaptInputError, average_frames, read_inputs, split_tiles
 from semray.adapt.select import make_masks, n2n_score, structn2v_score
@@ -135,6 +138,27 @@ def test_frames_are_registered_before_averaging() -> None:
     assert mean.shape == moved[0].shape == (96 - 2 * m, 96 - 2 * m) and m in (3, 4)
     # the mean of 3 registered frames has about 1/sqrt(3) of one frame's noise
     assert rp.noise_sigma(mean) < 0.75 * rp.noise_sigma(moved[0])
+
+
+def test_frames_give_one_averaged_proxy_and_two_independent_crop_sets(tmp_path: Path) -> None:
+    from semray.adapt.driver import _prepare_data
+
+    clean, _ = _bench().domain_images(1, 96, 0.1, 0.5, seed=3)
+    rng = np.random.default_rng(5)
+    scans = [
+        np.clip(clean[0] + 0.1 * rng.standard_normal(clean[0].shape), 0, 1).astype(np.float32)
+        for _ in range(3)
+    ]
+    users = read_inputs(_bench().write_pngs(scans, tmp_path), 64, frames=True)
+    cfg = load_config(AdaptConfig, None, ["frames=true", "user.tile_px=32", "selection.crop_px=32"])
+    data = _prepare_data(users, cfg)
+    assert len(data.proxies) == 1 and len(data.noisy) == 3 and data.crops2 is not None
+    assert data.crops.shape == data.crops2.shape and data.crops.shape[1:] == (32, 32)
+    # the held-back crops of two scans share the field but not the noise
+    assert np.corrcoef(data.crops.ravel(), data.crops2.ravel())[0, 1] < 0.99
+    m = int(np.ceil(np.abs(data.shifts).max()))
+    truth = clean[0][m : 96 - m, m : 96 - m] if m else clean[0]
+    assert np.abs(data.proxies[0] - truth).std() < 0.75 * np.abs(data.noisy[0] - truth).std()
 
 
 def test_config_checks_the_train_overrides_up_front() -> None:
@@ -258,3 +282,34 @@ def test_adapt_end_to_end_through_the_cli(tmp_path: Path, ray_local: None, mlflo
     assert mv.run_id == child.info.run_id
     registered = resolve_model("models:/semray-adapted@adapted")
     assert registered.card["weights_sha256"] == card["weights_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.tune_e2e  # deselected by default; `make test-tune-e2e` runs it with the other job-submission tests
+@pytest.mark.timeout(3000)
+def test_adapt_as_a_ray_job_on_a_local_head(ray_head: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """``ray job submit ... jobs/adapt.py`` on a head of its own (test_tune's fixture), tiny budget."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    inputs = _pngs(tmp_path / "in")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = JobSubmissionClient(ray_head["address"])
+    args = [*map(str, inputs), "--out", str(tmp_path / "out"), *(f"'--set={s}'" for s in TINY)]
+    job = client.submit_job(
+        entrypoint=" ".join(["python", "jobs/adapt.py", *args]),
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": [".venv", "data", "mlruns", "test-artifacts", ".git", "*.db", "notebooks"],
+            "env_vars": {
+                "OMP_NUM_THREADS": "1",
+                "MLFLOW_TRACKING_URI": uri,
+                "SEMRAY_HOME": str(tmp_path / "home"),
+            },
+        },
+    )
+    status = _wait(client, job, timeout_s=2400)
+    assert status == "SUCCEEDED", client.get_job_logs(job)[-6000:]
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert MlflowClient(uri).get_model_version_by_alias("semray-adapted", "adapted").version == "1"

@@ -226,7 +226,8 @@ def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
         s = cfg.selection
         crops = held_back_crops([frames[0]], tiles, s.crop_px, s.max_crops)
         crops2 = held_back_crops([frames[1]], tiles, s.crop_px, s.max_crops)
-        return _Data(frames, [mean], [f"average of {len(frames)} frames"], tiles, crops, crops2, shifts)
+        # one proxy (the mean) for all frames: its provenance is the first frame, the reference of registration
+        return _Data(frames, [mean], names, tiles, crops, crops2, shifts)
     from semray.infer import Denoiser
 
     den = Denoiser(model=cfg.init, device="cpu")
@@ -440,6 +441,7 @@ def _crops_figure(shown: Sequence[tuple[np.ndarray, ...]], crop_px: int, out_png
 
 
 def _calibration_summary(calib: Any) -> dict[str, Any]:
+    """The headline estimates and warnings, plus the calibration's own closure residuals when it has them."""
     keep = ("dose_e_per_px", "read_noise_sigma", "scan_line_offset_sigma", "fast_axis_noise_corr",
             "slow_axis_noise_corr", "line_jitter_px")  # fmt: skip
     est = {
@@ -447,7 +449,11 @@ def _calibration_summary(calib: Any) -> dict[str, Any]:
         for k, v in calib.estimates.items()
         if k in keep
     }
-    return {"estimates": est, "warnings": list(calib.warnings)}
+    out = {"estimates": est, "warnings": list(calib.warnings)}
+    own = calib.to_json().get("closure")  # recorded by newer calibrations (issue 20, item 2)
+    if own is not None:
+        out["closure"] = own
+    return out
 
 
 def _verdict(selection: Any) -> str:
