@@ -132,9 +132,8 @@ def _publish(stage: Path, out: Path, keep_work: bool) -> None:
 
 def _start_parent(cfg: AdaptConfig, users: Sequence[UserImage]) -> tuple[Any, str]:
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
-    from semray.tracking import configure, get_or_create_experiment
+    from semray.tracking import configure, get_or_create_experiment, log_params
 
     uri = configure()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -142,10 +141,7 @@ def _start_parent(cfg: AdaptConfig, users: Sequence[UserImage]) -> tuple[Any, st
     name = "adapt-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run = client.create_run(exp, run_name=name, tags={"semray.kind": "adapt", "semray.init_model": cfg.init})
     rid = run.info.run_id
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
-    params.append(Param("n_images", str(len(users))))
-    for i in range(0, len(params), 100):
-        client.log_batch(rid, params=params[i : i + 100])
+    log_params(flatten(cfg) | {"n_images": len(users)}, rid, client)
     client.log_text(rid, dump_yaml(cfg), "config/adapt.yaml")
     client.log_text(rid, "\n".join(str(u.path) for u in users) + "\n", "inputs.txt")
     return client, rid

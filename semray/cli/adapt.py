@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from semray.cli.args import add_config_args, add_verbose_arg
 from semray.config.base import load_config
 
 
@@ -29,9 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="output folder (must be new or empty, see --overwrite)"
     )
-    p.add_argument("--config", type=Path, default=None, help="AdaptConfig YAML (default: built-in)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set optim.epochs=4 (repeatable)")  # fmt: skip
+    add_config_args(
+        p, "AdaptConfig YAML (default: built-in)", "optim.epochs=4", set_help="override a setting"
+    )
+    add_verbose_arg(p)
     p.add_argument(
         "--init", default=None, metavar="MODEL", help="model to adapt (default: the shipped model)"
     )
@@ -55,11 +57,15 @@ def run(args: argparse.Namespace) -> int:
         cfg.init = args.init
     if args.frames:
         cfg.frames = True
-    try:
-        result = run_adapt(args.images, args.out, cfg, overwrite=args.overwrite)
-    except AdaptInputError as e:
-        raise UsageError(str(e)) from e
-    print(result.lines())
+    from semray.logs import quiet, say, stage
+
+    with quiet("adapt", args.verbose):
+        try:
+            with stage(f"adapting to {len(args.images)} input(s) ({cfg.optim.epochs} epochs)"):
+                result = run_adapt(args.images, args.out, cfg, overwrite=args.overwrite)
+        except AdaptInputError as e:
+            raise UsageError(str(e)) from e
+        say(result.lines())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         info = {"out_dir": str(result.out_dir), "registry_uri": result.registry_uri,
