@@ -93,6 +93,15 @@ def test_closure_matches_itself_and_sees_a_wrong_sigma() -> None:
     ok = [r for r in good["std_ratio"] if np.isfinite(r)]
     assert ok and all(abs(r - 1) < 0.1 for r in ok) and good["acf_abs_diff"] < 0.05
     assert all(abs(r - 2) < 0.2 for r in bad["std_ratio"] if np.isfinite(r))
+    assert rp.closure_warnings([good]) == []
+    assert len(rp.closure_warnings([bad])) == 1 and "+10" in rp.closure_warnings([bad])[0]  # ratio ~2: +100 %
+    white = bad["acf_synth"]
+    correlated = good | {
+        "acf_real": {"x": [0.5, 0.25, 0.12], "y": [0.0] * 3},
+        "acf_synth": white,
+        "acf_abs_diff": 0.5,
+    }
+    assert "autocorrelation" in rp.closure_warnings([correlated])[0]
 
 
 def test_structn2v_score_is_mse_plus_noise_variance() -> None:

@@ -381,6 +381,7 @@ def _report(
         "model": {"dir": MODEL_DIR, "registry_uri": reg.get("registry_uri"), "version": reg.get("version")},
         "frames": {"n": len(data.noisy), "shifts": data.shifts} if data.shifts is not None else None,
         "verdict": _verdict(selection),
+        "closure_warnings": rp.closure_warnings(closures),
     }
     (stage / "report.json").write_text(json.dumps(_finite(report), indent=2))
     rp.write_html(
