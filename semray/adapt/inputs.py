@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from semray.io import ImageReadError, list_images, read_image, write_shard
+from semray.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, write_shard
 
 #: ``pattern`` column of the user-content shards.
 USER_PATTERN = "user"
@@ -59,7 +59,7 @@ def _list(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
             problems.append(str(e))
             continue
         if not found:
-            problems.append(f"{src}: no .tif/.tiff/.png images in this folder")
+            problems.append(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         paths.extend(p for p in found if p not in paths)
     return paths, problems
 

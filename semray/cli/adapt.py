@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and write model/, report.html, report.json, figures/ and calibration/ to --out.",
     )
     p.add_argument(
-        "images", nargs="+", type=Path, help="noisy image files or folders (.tif/.tiff/.png, recursive)"
+        "images", nargs="+", type=Path, help="noisy image files or folders (.tif/.tiff/.png/.jpg, recursive)"
     )
     p.add_argument(
         "--out", type=Path, required=True, help="output folder (must be new or empty, see --overwrite)"
