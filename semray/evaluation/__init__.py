@@ -7,11 +7,13 @@ Modules, one concern each:
 * :mod:`~semray.evaluation.stats`: summaries with confidence intervals, paired deltas (pure pandas);
 * :mod:`~semray.evaluation.figures`, :mod:`~semray.evaluation.content`, :mod:`~semray.evaluation.report`:
   the PNG figures, what the report says, and its Markdown/HTML writers;
+* :mod:`~semray.evaluation.result`: an evaluation's tables, its file names, reading a folder back;
 * :mod:`~semray.evaluation.tracking`: one MLflow run per evaluation;
 * :mod:`~semray.evaluation.runner`: the job that ties them together (:func:`run_evaluation`);
 * :mod:`~semray.evaluation.ablation`: the write-up's ablation (train variants, then evaluate them).
 """
 
-from semray.evaluation.runner import EvaluationResult, evaluate_methods, load_evaluation, run_evaluation
+from semray.evaluation.result import EvaluationResult, load_evaluation
+from semray.evaluation.runner import evaluate_methods, run_evaluation
 
 __all__ = ["EvaluationResult", "evaluate_methods", "load_evaluation", "run_evaluation"]

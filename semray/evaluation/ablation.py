@@ -26,7 +26,8 @@ import pandas as pd
 from semray.config.base import ConfigError, load_config, read_yaml, set_dotted
 from semray.config.evaluate import AblationConfig, AblationVariant, ModelEntry
 from semray.evaluation.report import Heading, Para, Table
-from semray.evaluation.runner import EvaluationResult, run_evaluation
+from semray.evaluation.result import EvaluationResult
+from semray.evaluation.runner import run_evaluation
 from semray.evaluation.stats import METRICS
 
 TABLE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast", "edge_preservation")
@@ -129,44 +130,10 @@ def run_ablation(
     plans = [(v, variant_train_config(cfg, v, (model_root / v.name).resolve(), log)) for v in cfg.variants]
     if train_fn is None:
         from semray.train import train as train_fn
-    runs: list[VariantRun] = []
-    for i, (v, tcfg) in enumerate(plans, 1):
-        mdir = model_root / v.name
-        reuse = cfg.reuse_trained and (mdir / "model.safetensors").is_file()
-        secs, best, run_id = None, {}, None
-        if reuse:
-            print(f"[ablation {i}/{len(plans)}] {v.name}: reusing the trained model in {mdir}", flush=True)
-            if (mdir / TRAIN_INFO_FILE).is_file():  # what the run that trained it measured
-                info = json.loads((mdir / TRAIN_INFO_FILE).read_text())
-                secs, best, run_id = (
-                    info.get("train_seconds"),
-                    info.get("best_metrics", {}),
-                    info.get("mlflow_run_id"),
-                )
-        else:
-            print(f"[ablation {i}/{len(plans)}] training {v.name}: {v.description}", flush=True)
-            t0 = time.perf_counter()
-            res = train_fn(tcfg)
-            secs = time.perf_counter() - t0
-            best, run_id = dict(getattr(res, "best_metrics", {}) or {}), getattr(res, "mlflow_run_id", None)
-            if not (mdir / "model.safetensors").is_file():
-                raise RuntimeError(f"ablation variant {v.name!r}: training wrote no model to {mdir}")
-            info = {"train_seconds": secs, "best_metrics": best, "mlflow_run_id": run_id}
-            (mdir / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        card = _card(mdir)
-        runs.append(
-            VariantRun(
-                v.name,
-                v.description,
-                mdir,
-                not reuse,
-                secs,
-                card.get("param_count"),
-                best,
-                run_id,
-                {**v.overrides, "config": v.config or cfg.base},
-            )
-        )
+    runs = [
+        _train_or_reuse(cfg, v, tcfg, model_root / v.name, f"{i}/{len(plans)}", train_fn)
+        for i, (v, tcfg) in enumerate(plans, 1)
+    ]
     (out / VARIANTS_FILE).write_text(json.dumps([_run_json(r) for r in runs], indent=2, default=str))
 
     baseline = cfg.baseline or cfg.variants[0].name
@@ -188,6 +155,51 @@ def run_ablation(
         for name in ("ablation.md", "ablation.csv", VARIANTS_FILE):
             client.log_artifact(evaluation.run_id, str(out / name), "ablation")
     return AblationResult(runs, evaluation, table, md)
+
+
+def _train_or_reuse(
+    cfg: AblationConfig,
+    v: AblationVariant,
+    tcfg: Any,
+    mdir: Path,
+    counter: str,
+    train_fn: Callable[[Any], Any],
+) -> VariantRun:
+    """Train variant ``v`` with ``tcfg`` into ``mdir`` (or reuse the model there when the ablation
+    allows it) and describe the run; ``counter`` ("i/n") is for the progress line."""
+    reuse = cfg.reuse_trained and (mdir / "model.safetensors").is_file()
+    secs, best, run_id = None, {}, None
+    if reuse:
+        print(f"[ablation {counter}] {v.name}: reusing the trained model in {mdir}", flush=True)
+        if (mdir / TRAIN_INFO_FILE).is_file():  # what the run that trained it measured
+            info = json.loads((mdir / TRAIN_INFO_FILE).read_text())
+            secs, best, run_id = (
+                info.get("train_seconds"),
+                info.get("best_metrics", {}),
+                info.get("mlflow_run_id"),
+            )
+    else:
+        print(f"[ablation {counter}] training {v.name}: {v.description}", flush=True)
+        t0 = time.perf_counter()
+        res = train_fn(tcfg)
+        secs = time.perf_counter() - t0
+        best, run_id = dict(getattr(res, "best_metrics", {}) or {}), getattr(res, "mlflow_run_id", None)
+        if not (mdir / "model.safetensors").is_file():
+            raise RuntimeError(f"ablation variant {v.name!r}: training wrote no model to {mdir}")
+        info = {"train_seconds": secs, "best_metrics": best, "mlflow_run_id": run_id}
+        (mdir / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    card = _card(mdir)
+    return VariantRun(
+        v.name,
+        v.description,
+        mdir,
+        not reuse,
+        secs,
+        card.get("param_count"),
+        best,
+        run_id,
+        {**v.overrides, "config": v.config or cfg.base},
+    )
 
 
 def _run_json(r: VariantRun) -> dict[str, Any]:

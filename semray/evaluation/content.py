@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from semray.config.evaluate import EvaluateConfig
 from semray.evaluation.report import SECTIONS, Block, Heading, Image, Para, Table
+from semray.evaluation.result import EvaluationResult
 from semray.evaluation.stats import METRICS, wide_table
 from semray.evaluation.testset import MAIN_CONDITION, Condition
-
-if TYPE_CHECKING:
-    from semray.evaluation.runner import EvaluationResult
 
 #: Metrics shown as tables for the out-of-generator conditions (the main sweep shows all of METRICS).
 ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall")
@@ -123,22 +120,44 @@ def report_blocks(
 ) -> list[Block]:
     """The report's blocks, sections in :data:`SECTIONS` order."""
     meta = result.meta
-    ts = meta["test_set"]
-    methods = [m["label"] for m in meta["methods"]]
-    main = conditions[0]
-    dose_txt = ", ".join(f"{d:g}" for d in main.levels)
-    ref = cfg.report.reference_method
-    b: list[Block] = [
+    n_levels = sum(len(c.levels) for c in conditions)
+    return [
         Heading("semray evaluation", 1),
         Para(
-            f"{len(methods)} methods x {len(METRICS)} metrics x {sum(len(c.levels) for c in conditions)} noise "
-            f"levels on {ts['n_images']} {_samples_text(cfg)}. Created {meta['created']} with semray "
-            f"{meta['machine']['semray_version']}."
+            f"{len(meta['methods'])} methods x {len(METRICS)} metrics x {n_levels} noise "
+            f"levels on {meta['test_set']['n_images']} {_samples_text(cfg)}. Created {meta['created']} with "
+            f"semray {meta['machine']['semray_version']}."
         ),
+        *setup_blocks(cfg, meta, conditions),
+        *results_blocks(cfg, result, conditions[0], figures),
+        *comparison_blocks(cfg, result),
+        *robustness_blocks(result, conditions, figures),
+        *runtime_blocks(cfg, result, figures),
+        *examples_blocks(cfg, meta, figures),
+        *files_blocks(meta),
     ]
-    # ---- Setup
+
+
+def _methods_of(meta: Mapping) -> list[str]:
+    return [m["label"] for m in meta["methods"]]
+
+
+def setup_blocks(cfg: EvaluateConfig, meta: Mapping, conditions: Sequence[Condition]) -> list[Block]:
+    """Section "Setup": test set, noise, what noise level the methods see, the methods table."""
+    ts = meta["test_set"]
+    dose_txt = ", ".join(f"{d:g}" for d in conditions[0].levels)
     oracle = any(m["oracle_sigma"] for m in meta["methods"])
-    b += [
+    robust = ""
+    if len(conditions) > 1:
+        robust = (
+            " Out-of-generator conditions: "
+            + "; ".join(
+                f"{c.name} ({c.kind}, levels {', '.join(f'{x:g}' for x in c.levels)} {c.level_unit})"
+                for c in conditions[1:]
+            )
+            + "."
+        )
+    return [
         Heading(SECTIONS[0]),
         Para(
             f"**Test set:** {ts['source']}, split `{ts['split']}`: {ts['n_images']} images "
@@ -147,16 +166,7 @@ def report_blocks(
             + (" of each image." if ts["with_reference"] else " where the shards have one.")
             + f"\n\n**Noise:** the generator's physical SEM noise model at doses {dose_txt} e-/px (other "
             f"noise parameters drawn per image and held fixed across doses), {_noise_text(cfg)}"
-            + (
-                " Out-of-generator conditions: "
-                + "; ".join(
-                    f"{c.name} ({c.kind}, levels {', '.join(f'{x:g}' for x in c.levels)} {c.level_unit})"
-                    for c in conditions[1:]
-                )
-                + "."
-                if len(conditions) > 1
-                else ""
-            )
+            + robust
             + "\n\n**Noise level seen by the methods:** no method sees the clean image; classical methods "
             "estimate the noise std from each noisy image (wavelet MAD)."
             + (
@@ -168,8 +178,14 @@ def report_blocks(
         ),
         Table(_methods_table(meta), "methods compared"),
     ]
-    # ---- Results by dose
-    b += [
+
+
+def results_blocks(
+    cfg: EvaluateConfig, result: EvaluationResult, main: Condition, figures: Mapping[str, Path]
+) -> list[Block]:
+    """Section "Results by dose": one table per metric, the recall bound, the metric curves."""
+    methods = _methods_of(result.meta)
+    b: list[Block] = [
         Heading(SECTIONS[1]),
         Para(
             f"Mean over {_samples_text(cfg)} ± half-width of the "
@@ -194,26 +210,38 @@ def report_blocks(
                 figures[f"curves_{MAIN_CONDITION}"], "PSNR, SSIM, defect recall and defect contrast vs dose"
             )
         )
-    # ---- Comparison with the reference method
-    b.append(Heading(SECTIONS[2]))
-    if ref and not result.deltas.empty:
-        b.append(
-            Para(
-                f"Paired {'per-image' if cfg.noise_draws == 1 else 'per-(image, draw)'} differences "
-                f"`method - {ref}` on the same images and noise: mean [{cfg.report.ci:.0%} CI]. Positive "
-                f"means better than {ref}."
-            )
-        )
-        for metric in DELTA_METRICS:
-            b.append(
-                Table(delta_table(result.deltas, metric, MAIN_CONDITION), f"delta {METRICS[metric]} vs {ref}")
-            )
-    else:
+    return b
+
+
+def comparison_blocks(cfg: EvaluateConfig, result: EvaluationResult) -> list[Block]:
+    """Section "Comparison with the reference method": paired differences per metric."""
+    ref = cfg.report.reference_method
+    b: list[Block] = [Heading(SECTIONS[2])]
+    if not (ref and not result.deltas.empty):
         b.append(
             Para(f"No reference comparison: reference method {ref!r} was not among the methods evaluated.")
         )
-    # ---- Robustness
-    b.append(Heading(SECTIONS[3]))
+        return b
+    b.append(
+        Para(
+            f"Paired {'per-image' if cfg.noise_draws == 1 else 'per-(image, draw)'} differences "
+            f"`method - {ref}` on the same images and noise: mean [{cfg.report.ci:.0%} CI]. Positive "
+            f"means better than {ref}."
+        )
+    )
+    for metric in DELTA_METRICS:
+        b.append(
+            Table(delta_table(result.deltas, metric, MAIN_CONDITION), f"delta {METRICS[metric]} vs {ref}")
+        )
+    return b
+
+
+def robustness_blocks(
+    result: EvaluationResult, conditions: Sequence[Condition], figures: Mapping[str, Path]
+) -> list[Block]:
+    """Section "Robustness": per out-of-generator condition, its tables, bound and curves."""
+    methods = _methods_of(result.meta)
+    b: list[Block] = [Heading(SECTIONS[3])]
     if len(conditions) == 1:
         b.append(
             Para("No out-of-generator noise was configured (see `robustness` in the evaluation config).")
@@ -232,43 +260,55 @@ def report_blocks(
             b.append(Table(bound, f"defect recall bound, {cond.name}"))
         if f"curves_{cond.name}" in figures:
             b.append(Image(figures[f"curves_{cond.name}"], f"metrics vs level, {cond.name} noise"))
-    # ---- Runtime
-    b.append(Heading(SECTIONS[4]))
+    return b
+
+
+def runtime_blocks(cfg: EvaluateConfig, result: EvaluationResult, figures: Mapping[str, Path]) -> list[Block]:
+    """Section "Runtime": how it was timed, the table and the bar chart."""
+    b: list[Block] = [Heading(SECTIONS[4])]
     rt = result.runtime
     if rt.empty:
         b.append(Para("Runtime measurement was switched off (`runtime.enabled: false`)."))
-    else:
-        mach = meta["machine"]
-        b.append(
-            Para(
-                f"Median wall time of {cfg.runtime.repeats} runs after one warm-up on one {rt['image_px'].iloc[0]} px "
-                f"noisy image, every method limited to {cfg.runtime.threads} CPU thread(s) (torch and BLAS/OpenMP), "
-                f"same machine: {mach['processor']}, {mach['cpu_count']} logical CPUs, {mach['platform']}. Classical "
-                "times include the noise-level estimate; model times include tiling and run on the device listed "
-                "under Setup."
-            )
+        return b
+    mach = result.meta["machine"]
+    b.append(
+        Para(
+            f"Median wall time of {cfg.runtime.repeats} runs after one warm-up on one {rt['image_px'].iloc[0]} px "
+            f"noisy image, every method limited to {cfg.runtime.threads} CPU thread(s) (torch and BLAS/OpenMP), "
+            f"same machine: {mach['processor']}, {mach['cpu_count']} logical CPUs, {mach['platform']}. Classical "
+            "times include the noise-level estimate; model times include tiling and run on the device listed "
+            "under Setup."
         )
-        shown = rt.drop(columns=["image_px", "threads", "repeats"], errors="ignore").set_index("method")
-        b.append(Table(shown.round(4), "runtime per megapixel"))
-        if "runtime" in figures:
-            b.append(Image(figures["runtime"], "seconds per megapixel (log scale)"))
-    # ---- Visual examples
-    b.append(Heading(SECTIONS[5]))
-    if "examples" in figures:
-        b.append(
-            Para(
-                f"At {meta['example_level']:g} e-/px"
-                + ("" if cfg.noise_draws == 1 else f", first noise draw (seed {cfg.seed})")
-                + ". Per image: full frames; |image - clean| on one colour "
-                "scale per image; a zoomed crop around the largest defect (mask outlined in red on the clean "
-                "crop, crop box in red on the clean frame)."
-            )
-        )
-        b.append(Image(figures["examples"], "noisy | each method | clean"))
-    else:
+    )
+    shown = rt.drop(columns=["image_px", "threads", "repeats"], errors="ignore").set_index("method")
+    b.append(Table(shown.round(4), "runtime per megapixel"))
+    if "runtime" in figures:
+        b.append(Image(figures["runtime"], "seconds per megapixel (log scale)"))
+    return b
+
+
+def examples_blocks(cfg: EvaluateConfig, meta: Mapping, figures: Mapping[str, Path]) -> list[Block]:
+    """Section "Visual examples"."""
+    b: list[Block] = [Heading(SECTIONS[5])]
+    if "examples" not in figures:
         b.append(Para("No visual examples were requested (`report.n_examples: 0`)."))
-    # ---- Files
-    b += [
+        return b
+    b.append(
+        Para(
+            f"At {meta['example_level']:g} e-/px"
+            + ("" if cfg.noise_draws == 1 else f", first noise draw (seed {cfg.seed})")
+            + ". Per image: full frames; |image - clean| on one colour "
+            "scale per image; a zoomed crop around the largest defect (mask outlined in red on the clean "
+            "crop, crop box in red on the clean frame)."
+        )
+    )
+    b.append(Image(figures["examples"], "noisy | each method | clean"))
+    return b
+
+
+def files_blocks(meta: Mapping) -> list[Block]:
+    """Section "Files": what each output file holds, and the MLflow run."""
+    return [
         Heading(SECTIONS[6]),
         Para(
             "`results.parquet` / `results.csv`: one row per image x noise draw (`noise_seed`) x method x "
@@ -284,4 +324,3 @@ def report_blocks(
             )
         ),
     ]
-    return b

@@ -87,22 +87,7 @@ def plot_metrics_vs_level(
     span = np.log(levels[-1] / levels[0]) if len(levels) > 1 else 1.0
     dodge = {m: np.exp(span * 0.012 * (k - (len(methods) - 1) / 2)) for k, m in enumerate(methods)}
     for ax, metric in zip(axes.ravel(), metrics, strict=False):
-        sm = s[s["metric"] == metric]
-        for m in methods:
-            d = sm[sm["method"] == m].sort_values("level")
-            if d.empty or not np.isfinite(d["mean"]).any():
-                continue
-            err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
-            ax.errorbar(
-                d["level"] * dodge[m],
-                d["mean"],
-                yerr=np.nan_to_num(err),
-                label=m,
-                capsize=2,
-                markersize=4,
-                linewidth=1.4,
-                **styles[m],
-            )
+        _metric_panel(ax, s[s["metric"] == metric], methods, styles, dodge)
         if metric == "defect_recall" and recall_bound is not None and not recall_bound.empty:
             b = recall_bound[recall_bound["condition"] == condition].sort_values("level")
             if not b.empty:
@@ -122,8 +107,42 @@ def plot_metrics_vs_level(
         ax.grid(True, alpha=0.3)
     for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
+    _figure_legend(fig, axes)
+    fig.suptitle(title or f"metrics vs noise level: {condition}", fontsize=11)
+    # fixed margins instead of tight_layout: as good here and several times faster
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.91, bottom=0.16, wspace=0.25, hspace=0.35)
+    return _save(fig, out_png)
+
+
+def _metric_panel(
+    ax: Any,
+    sm: pd.DataFrame,
+    methods: Sequence[str],
+    styles: dict[str, dict[str, object]],
+    dodge: dict[str, float],
+) -> None:
+    """One metric's summary rows ``sm``: a line with CI bars per method, x dodged per method."""
+    for m in methods:
+        d = sm[sm["method"] == m].sort_values("level")
+        if d.empty or not np.isfinite(d["mean"]).any():
+            continue
+        err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
+        ax.errorbar(
+            d["level"] * dodge[m],
+            d["mean"],
+            yerr=np.nan_to_num(err),
+            label=m,
+            capsize=2,
+            markersize=4,
+            linewidth=1.4,
+            **styles[m],
+        )
+
+
+def _figure_legend(fig: plt.Figure, axes: np.ndarray) -> None:
+    """One legend under the panels for every labelled line of any panel (bounds are on some only)."""
     legend: dict[str, Any] = {}
-    for ax in axes.ravel():  # the bound is only on the recall panel
+    for ax in axes.ravel():
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(lab, h)
     fig.legend(
@@ -134,10 +153,6 @@ def plot_metrics_vs_level(
         fontsize=8,
         frameon=False,
     )
-    fig.suptitle(title or f"metrics vs noise level: {condition}", fontsize=11)
-    # fixed margins instead of tight_layout: as good here and several times faster
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.91, bottom=0.16, wspace=0.25, hspace=0.35)
-    return _save(fig, out_png)
 
 
 def crop_box(defect_mask: np.ndarray, crop_px: int) -> tuple[int, int, int, int]:

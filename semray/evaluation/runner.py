@@ -28,7 +28,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,17 @@ from semray.evaluation.detectability import detectability_table
 from semray.evaluation.detectability import summarise as summarise_detectability
 from semray.evaluation.figures import Example, plot_examples, plot_metrics_vs_level, plot_runtime
 from semray.evaluation.methods import MethodRunner, build_runners, seconds_per_megapixel
+from semray.evaluation.result import (
+    BOUND_FILE,
+    CONFIG_FILE,
+    DELTAS_FILE,
+    META_FILE,
+    RESULTS_FILE,
+    RUNTIME_FILE,
+    SUMMARY_FILE,
+    EvaluationResult,
+    load_evaluation,
+)
 from semray.evaluation.stats import METRICS, paired_deltas, summarize
 from semray.evaluation.testset import (
     DOSE_UNIT,
@@ -54,44 +64,6 @@ from semray.evaluation.testset import (
     make_noisy,
     make_target,
 )
-
-RESULTS_FILE = "results.parquet"
-SUMMARY_FILE = "summary.csv"
-RUNTIME_FILE = "runtime.csv"
-DELTAS_FILE = "deltas.csv"
-BOUND_FILE = "recall_bound.csv"
-META_FILE = "evaluation.json"
-CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class EvaluationResult:
-    """An evaluation's tables and where its files are.
-
-    Attributes:
-        out_dir: the output folder.
-        results: one row per image x noise draw x method x condition x level (metrics as columns;
-            ``noise_seed`` names the draw, absent from folders written before draws existed).
-        summary: mean/std/CI per condition x level x method x metric (long format), over image x draw.
-        deltas: paired differences of each method against the reference method, paired on (image, draw).
-        runtime: seconds per megapixel per method (empty when runtime measurement was off).
-        meta: setup facts (images, methods with versions, machine, MLflow run id, ...).
-        recall_bound: per condition x level, the ideal observer's defect recall, an upper bound on
-            any method's (:func:`semray.evaluation.detectability.summarise`); empty without defects.
-    """
-
-    out_dir: Path
-    results: pd.DataFrame
-    summary: pd.DataFrame
-    deltas: pd.DataFrame
-    runtime: pd.DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
-    recall_bound: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run id, when the evaluation was logged."""
-        return (self.meta.get("mlflow") or {}).get("run_id")
 
 
 # ------------------------------------------------------------------------------------------ parallel map
@@ -383,6 +355,40 @@ def run_evaluation(
     results, examples = evaluate_methods(
         images, conditions, runners, seeds, use_ray, example_level, cfg.report.n_examples, progress
     )
+    tables = _tables(cfg, results, images, conditions, runners, seeds)
+    _write_tables(cfg, out, tables)
+    figures = _figures(cfg, out, tables, conditions, [r.label for r in runners], examples, example_level)
+    meta = _meta(cfg, images, conditions, runners, use_ray, example_level)
+    meta["evaluation_seconds"] = round(time.perf_counter() - t_start, 2)
+    meta["mlflow"] = None
+    result = EvaluationResult(out, meta=meta, **tables)
+
+    from semray.evaluation.content import report_blocks
+    from semray.evaluation.report import write_report
+
+    def _write() -> None:
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        write_report(report_blocks(cfg, result, conditions, figures), out, "semray evaluation")
+
+    if log_mlflow if log_mlflow is not None else cfg.mlflow.enabled:
+        from semray.evaluation.tracking import log_evaluation
+
+        log_evaluation(cfg, result, before_artifacts=_write)
+    else:
+        _write()
+    return result
+
+
+def _tables(
+    cfg: EvaluateConfig,
+    results: pd.DataFrame,
+    images: Sequence[TestImage],
+    conditions: Sequence[Condition],
+    runners: Sequence[MethodRunner],
+    seeds: Sequence[int],
+) -> dict[str, pd.DataFrame]:
+    """The summary, paired differences, recall bound and runtime of ``results`` (keyword arguments of
+    :class:`EvaluationResult`)."""
     summary = summarize(results, ci=cfg.report.ci)
     ref = cfg.report.reference_method
     deltas = paired_deltas(results, ref, ci=cfg.report.ci) if ref else paired_deltas(results.iloc[:0], "")
@@ -395,26 +401,46 @@ def run_evaluation(
         runtime = measure_runtimes(
             runners, _timing_image(cfg, conditions[0]), cfg.runtime.repeats, cfg.runtime.threads, ref
         )
+    return {
+        "results": results,
+        "summary": summary,
+        "deltas": deltas,
+        "runtime": runtime,
+        "recall_bound": recall_bound,
+    }
 
-    results.to_parquet(out / RESULTS_FILE, index=False)
-    results.to_csv(out / "results.csv", index=False)
-    summary.to_csv(out / SUMMARY_FILE, index=False)
-    deltas.to_csv(out / DELTAS_FILE, index=False)
-    runtime.to_csv(out / RUNTIME_FILE, index=False)
-    recall_bound.to_csv(out / BOUND_FILE, index=False)
+
+def _write_tables(cfg: EvaluateConfig, out: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Write the tables of :func:`_tables` and the config into ``out``."""
+    tables["results"].to_parquet(out / RESULTS_FILE, index=False)
+    tables["results"].to_csv(out / "results.csv", index=False)
+    tables["summary"].to_csv(out / SUMMARY_FILE, index=False)
+    tables["deltas"].to_csv(out / DELTAS_FILE, index=False)
+    tables["runtime"].to_csv(out / RUNTIME_FILE, index=False)
+    tables["recall_bound"].to_csv(out / BOUND_FILE, index=False)
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
 
-    methods = [r.label for r in runners]
+
+def _figures(
+    cfg: EvaluateConfig,
+    out: Path,
+    tables: dict[str, pd.DataFrame],
+    conditions: Sequence[Condition],
+    methods: Sequence[str],
+    examples: Sequence[Example],
+    example_level: float,
+) -> dict[str, Path]:
+    """Draw the figures into ``out/figures``: name -> PNG path (keys read by the report content)."""
     figures: dict[str, Path] = {}
     for cond in conditions:
         figures[f"curves_{cond.name}"] = plot_metrics_vs_level(
-            summary,
+            tables["summary"],
             cond.name,
             methods,
             out / "figures" / f"metrics_vs_level_{cond.name}.png",
             title=_condition_title(cond),
             dpi=cfg.report.dpi,
-            recall_bound=recall_bound,
+            recall_bound=tables["recall_bound"],
         )
     if examples:
         figures["examples"] = plot_examples(
@@ -423,16 +449,27 @@ def run_evaluation(
             cfg.report.crop_px,
             cfg.report.dpi,
         )
-    if not runtime.empty:
-        figures["runtime"] = plot_runtime(runtime, out / "figures" / "runtime.png", cfg.report.dpi)
+    if not tables["runtime"].empty:
+        figures["runtime"] = plot_runtime(tables["runtime"], out / "figures" / "runtime.png", cfg.report.dpi)
+    return figures
 
-    meta = {
+
+def _meta(
+    cfg: EvaluateConfig,
+    images: Sequence[TestImage],
+    conditions: Sequence[Condition],
+    runners: Sequence[MethodRunner],
+    use_ray: bool,
+    example_level: float,
+) -> dict[str, Any]:
+    """The setup facts of ``evaluation.json`` (the caller adds the run time and the MLflow run)."""
+    return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "machine": _machine(),
         "seed": cfg.seed,
         "noise_draws": cfg.noise_draws,
-        "noise_seeds": seeds,
+        "noise_seeds": cfg.noise_seeds(),
         "test_set": _test_set_facts(cfg, images),
         "conditions": [
             {
@@ -458,25 +495,7 @@ def run_evaluation(
         ],
         "example_level": example_level,
         "parallel": use_ray,
-        "evaluation_seconds": round(time.perf_counter() - t_start, 2),
-        "mlflow": None,
     }
-    result = EvaluationResult(out, results, summary, deltas, runtime, meta, recall_bound)
-
-    from semray.evaluation.content import report_blocks
-    from semray.evaluation.report import write_report
-
-    def _write() -> None:
-        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        write_report(report_blocks(cfg, result, conditions, figures), out, "semray evaluation")
-
-    if log_mlflow if log_mlflow is not None else cfg.mlflow.enabled:
-        from semray.evaluation.tracking import log_evaluation
-
-        log_evaluation(cfg, result, before_artifacts=_write)
-    else:
-        _write()
-    return result
 
 
 def _condition_title(cond: Condition) -> str:
@@ -501,31 +520,6 @@ def _test_set_facts(cfg: EvaluateConfig, images: Sequence[TestImage]) -> dict[st
         "defects": int(sum(im.n_defects for im in images)),
         "with_reference": all(im.reference is not None for im in images),
     }
-
-
-def load_evaluation(path: str | Path) -> EvaluationResult:
-    """Read an evaluation output folder back (for notebooks, the benchmark and comparisons)."""
-    root = Path(path)
-    if not (root / RESULTS_FILE).is_file():
-        raise FileNotFoundError(f"{root}: not an evaluation folder (no {RESULTS_FILE})")
-
-    def _csv(name: str) -> pd.DataFrame:
-        p = root / name
-        try:
-            return pd.read_csv(p) if p.is_file() else pd.DataFrame()
-        except pd.errors.EmptyDataError:
-            return pd.DataFrame()
-
-    meta = json.loads((root / META_FILE).read_text()) if (root / META_FILE).is_file() else {}
-    return EvaluationResult(
-        root,
-        pd.read_parquet(root / RESULTS_FILE),
-        _csv(SUMMARY_FILE),
-        _csv(DELTAS_FILE),
-        _csv(RUNTIME_FILE),
-        meta,
-        _csv(BOUND_FILE),  # absent from evaluations written before the bound existed
-    )
 
 
 __all__ = [

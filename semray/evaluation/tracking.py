@@ -5,15 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from semray.config.base import flatten
 from semray.config.evaluate import EvaluateConfig
-
-if TYPE_CHECKING:
-    from semray.evaluation.runner import EvaluationResult
+from semray.evaluation.result import EvaluationResult
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
