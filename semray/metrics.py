@@ -94,6 +94,20 @@ def ssim_torch(
     return _pm_ssim(pred, target, data_range=data_range, size_average=False, win=win)
 
 
+def smooth_floor(x: Tensor, floor: float) -> Tensor:
+    """A smooth lower bound: ``x`` itself (exactly) from ``2 * floor`` up; below, with
+    ``t = 2 * floor - x``, ``floor + floor / (1 + t / floor)``, which meets ``x`` with the same value
+    and slope at ``2 * floor`` and tends to ``floor`` as ``x -> -inf``.
+
+    Its derivative ``1 / (1 + t / floor) ** 2`` lies in (0, 1] and falls off only as ``1 / t ** 2``, so
+    it is finite everywhere and not 0 in floating point for any term an MS-SSIM can produce (>= -1):
+    a term that went negative still gets a gradient pushing it back up, and ``f(x) ** w``
+    (``0 < w < 1``) has a derivative of at most ``w * floor ** (w - 1)`` because ``f >= floor``.
+    """
+    t = (2.0 * floor - x).clamp_min(0.0)  # 0 on the identity side, so that branch stays finite
+    return torch.where(x >= 2.0 * floor, x, floor + floor / (1.0 + t / floor))
+
+
 def ms_ssim_min_side(scales: int, win_size: int) -> int:
     """Smallest image side (px) for which every one of ``scales`` scales is at least ``win_size``."""
     return win_size * 2 ** (scales - 1) - (2 ** (scales - 1) - 1)
@@ -106,7 +120,7 @@ def ms_ssim_torch(
     weights: Sequence[float] = MS_SSIM_WEIGHTS,
     win_size: int = 11,
     win_sigma: float = 1.5,
-    floor: float = 1e-6,
+    floor: float = 1e-3,
 ) -> Tensor:
     """Per-image multi-scale SSIM, ``(N, C, H, W) x 2 -> (N,)``, one scale per entry of ``weights``.
 
@@ -116,9 +130,11 @@ def ms_ssim_torch(
     ``pytorch_msssim`` itself; the loop is ours because ``pytorch_msssim.ms_ssim`` asserts
     ``min side > (win_size - 1) * 16`` whatever the number of scales, which would force a 3-px window on
     64 x 64 crops. Here the only requirement is that the coarsest scale is at least ``win_size`` px,
-    i.e. ``min side >= ms_ssim_min_side(len(weights), win_size)``. Terms are clamped to ``floor``
-    rather than ReLU'd (as pytorch_msssim does) because ``relu(x) ** w`` has an infinite derivative at
-    0 that turns into NaN gradients early in training.
+    i.e. ``min side >= ms_ssim_min_side(len(weights), win_size)``. Terms pass through
+    :func:`smooth_floor` rather than a ReLU (as pytorch_msssim does) or a hard clamp: ``relu(x) ** w``
+    has an infinite derivative at 0 (NaN gradients early in training), and ``clamp_min(1e-6) ** w`` a
+    zero gradient for a term <= 0 and a derivative of ~2.4e4 just above the clamp. Terms from
+    ``2 * floor`` up are used exactly as they are.
     """
     _check_batch(pred, target)
     w = torch.as_tensor(list(weights), dtype=pred.dtype, device=pred.device)
@@ -142,7 +158,7 @@ def ms_ssim_torch(
             x = F.avg_pool2d(x, kernel_size=2, padding=padding)
             y = F.avg_pool2d(y, kernel_size=2, padding=padding)
     terms.append(ssim_val)
-    stacked = torch.stack(terms, dim=0).clamp_min(floor)  # (L, N, C)
+    stacked = smooth_floor(torch.stack(terms, dim=0), floor)  # (L, N, C)
     return torch.prod(stacked ** w.view(-1, 1, 1), dim=0).mean(1)
 
 
@@ -284,9 +300,10 @@ def defect_contrast(
     ``sum((denoised - reference) * s) / sum(s ** 2)``: 1 when kept exactly, 0 when the denoiser
     replaced the defect by the defect-free pattern, and zero-mean residual noise averages out.
 
-    Without ``reference`` (fallback): contrast is ``|mean(inside) - mean(ring)|`` with the ring
+    Without ``reference`` (fallback): contrast is ``mean(inside) - mean(ring)`` with the ring
     2..5 px around the component (other defects excluded), and the fraction is the denoised
-    contrast over the clean one. This is weaker on dense patterns, where the ring mixes structures.
+    contrast over the clean one, signed, so contrast of the wrong polarity counts as 0. This is
+    weaker on dense patterns, where the ring mixes pattern structure into the contrast.
 
     Per-defect fractions are clipped to [0, 1.5] and averaged; defects whose clean signature is below
     :data:`MIN_DEFECT_SIGNATURE` (invisible even without noise) are skipped. NaN when no defect is
@@ -311,10 +328,12 @@ def defect_contrast(
         ring = np.where((expand_labels(labels, 2) == 0) & (labels == 0), outer, 0)
 
         def contrast(img: np.ndarray) -> np.ndarray:
-            return np.abs(ndi.mean(img, inner, index) - ndi.mean(img, ring, index))
+            return np.asarray(ndi.mean(img, inner, index)) - np.asarray(ndi.mean(img, ring, index))
 
+        # signed: the denoised contrast counts only with the clean defect's polarity, so a bright
+        # particle turned into a dark smear scores 0 (after clipping), not its absolute contrast
         c_clean, c_den = contrast(a), contrast(b)
-        ok = (c_clean >= MIN_DEFECT_SIGNATURE) & np.isfinite(c_clean) & np.isfinite(c_den)
+        ok = (np.abs(c_clean) >= MIN_DEFECT_SIGNATURE) & np.isfinite(c_clean) & np.isfinite(c_den)
         ratios = c_den[ok] / c_clean[ok]
     if ratios.size == 0:
         return float("nan")
@@ -434,6 +453,82 @@ def defect_detectability(
     return np.sqrt(np.asarray(energy, dtype=np.float64).reshape(n))[peak >= MIN_DEFECT_SIGNATURE]
 
 
+def defect_site_scores(
+    clean: np.ndarray,
+    image: np.ndarray,
+    defect_mask: np.ndarray,
+    reference: np.ndarray,
+    noise_var: np.ndarray | float | None = None,
+) -> np.ndarray:
+    """The matched-filter detection statistic of ``image`` at every measurable defect site.
+
+    The template of a site is its clean signal ``s = clean - reference`` over the instance grown by
+    :data:`DEFECT_REGION_PX` px (the instances and support of :func:`defect_detectability`). Pass as
+    ``image`` an image of the field with the defect (a denoised noisy ``clean``) or without it (a
+    denoised noisy ``reference``, same sites): scoring both is what gives a false-alarm rate.
+
+    * without ``noise_var``: the least-squares gain ``sum(s * (image - reference)) / sum(s ** 2)``, the
+      fraction of the defect's signal present at its site (1 = full strength, 0 = defect-free; signed,
+      so a defect of the wrong polarity scores below 0). Comparable across sites, it is what a
+      method's output is thresholded on (one threshold per method and dose).
+    * with ``noise_var`` (per-pixel variance, scalar or ``(H, W)``): the prewhitened matched filter
+      ``sum(s * (image - reference) / v) / sqrt(sum(s ** 2 / v))``, the ideal observer's statistic:
+      ``N(0, 1)`` without the defect and ``N(d', 1)`` with it under independent Gaussian noise of that
+      variance (``d'`` from :func:`defect_detectability`).
+
+    Returns:
+        float64 ``(n,)`` in label order, only instances with clean peak >= :data:`MIN_DEFECT_SIGNATURE`
+        (those :func:`defect_recall` scores); empty without any.
+
+    Raises:
+        ValueError: a shape does not match, or a variance is not positive and finite.
+    """
+    a, b = _check_pair(clean, image, "scored")
+    ref = _check_reference(reference, a.shape)
+    if ref is None:
+        raise ValueError("defect_site_scores needs the defect-free reference image")
+    labels, n = _label_defects(defect_mask, a.shape)
+    if n == 0:
+        return np.zeros(0)
+    _, _, peak = _instance_peaks(a, labels, n, ref)
+    sig, index = a - ref, np.arange(1, n + 1)
+    support = expand_labels(labels, DEFECT_REGION_PX)
+    if noise_var is None:
+        energy = ndi.sum_labels(sig**2, support, index)
+        score = ndi.sum_labels(sig * (b - ref), support, index) / np.maximum(energy, 1e-12)
+    else:
+        var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), a.shape)
+        if not (np.all(np.isfinite(var)) and np.all(var > 0)):
+            raise ValueError("noise_var must be positive and finite everywhere")
+        energy = ndi.sum_labels(sig**2 / var, support, index)
+        score = ndi.sum_labels(sig * (b - ref) / var, support, index) / np.sqrt(np.maximum(energy, 1e-24))
+    return np.asarray(score, dtype=np.float64).reshape(n)[peak >= MIN_DEFECT_SIGNATURE]
+
+
+def defect_false_alarm(
+    clean: np.ndarray,
+    denoised_reference: np.ndarray,
+    defect_mask: np.ndarray,
+    reference: np.ndarray,
+) -> float:
+    """Fraction of defect sites where :func:`defect_recall`'s detector fires on a defect-free image.
+
+    ``denoised_reference`` is the method's output on the noisy defect-free ``reference`` render (same
+    noise draw as its output on ``clean``); the detector is given the same sites, cores and thresholds
+    as for ``defect_recall(clean, denoised, ...)``, so this is that recall's false-alarm rate per site,
+    in [0, 1]. NaN when no defect is measurable.
+    """
+    a, b = _check_pair(clean, denoised_reference, "denoised reference")
+    ref = _check_reference(reference, a.shape)
+    if ref is None:
+        raise ValueError("defect_false_alarm needs the defect-free reference image")
+    labels, n = _label_defects(defect_mask, a.shape)
+    if n == 0:
+        return float("nan")
+    hits = _detected(a, b, labels, n, ref)
+    return float(hits.mean()) if hits.size else float("nan")
+
+
 def ideal_observer_recall(dprime: np.ndarray, false_alarm: float = 1e-3) -> float:
     """Expected fraction of defects the ideal observer finds, in [0, 1]; NaN for no defects.
 
@@ -489,6 +584,7 @@ def compute_metrics(
     denoised: np.ndarray,
     defect_mask: np.ndarray | None = None,
     reference: np.ndarray | None = None,
+    denoised_reference: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Every metric for one ``(H, W)`` image pair in [0, 1].
 
@@ -497,6 +593,10 @@ def compute_metrics(
     ``defect_recall``, ``defect_recall_clean`` (the detector on the clean image,
     a sanity value that should be 1.0) and ``defect_count`` (instances in the mask). Defect metrics are
     NaN when there is no mask or it is empty. SSIM needs images of at least 11 x 11 px.
+
+    With ``denoised_reference`` (the method's output on the noisy defect-free ``reference``, same noise
+    draw) and a ``reference``, also ``defect_false_alarm`` (:func:`defect_false_alarm`: how often
+    ``defect_recall``'s detector fires at the same sites without a defect); absent otherwise.
     """
     a, b = _check_pair(clean, denoised)
     out = {
@@ -518,5 +618,9 @@ def compute_metrics(
         out["defect_contrast"] = defect_contrast(a, b, defect_mask, reference)
         out["defect_recall"] = defect_recall(a, b, defect_mask, reference)
         out["defect_recall_clean"] = defect_recall(a, a, defect_mask, reference)
+    if denoised_reference is not None and reference is not None:
+        out["defect_false_alarm"] = (
+            nan if n == 0 else defect_false_alarm(a, denoised_reference, np.asarray(defect_mask), reference)
+        )
     out["defect_count"] = float(n)
     return out

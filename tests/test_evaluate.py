@@ -89,6 +89,8 @@ def test_report_has_every_section_table_and_figure(tiny_run: tuple) -> None:
         "examples_dose4.png",
         "metrics_vs_level_gaussian.png",
         "metrics_vs_level_sem.png",
+        "roc_gaussian.png",
+        "roc_sem.png",
         "runtime.png",
     ]
     for name in figs:
@@ -101,7 +103,8 @@ def test_report_has_every_section_table_and_figure(tiny_run: tuple) -> None:
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in blobs)
     assert "src='http" not in page and "src='figures/" not in page
     # every metric table lists every method at every dose, and the oracle rows are labelled as such
-    for title in ("PSNR (dB)", "SSIM", "defect recall", "defect contrast"):
+    for title in ("PSNR (dB)", "SSIM", "defect recall (no false-alarm control)", "defect contrast",
+                  "recall at 1e-2 false alarms/site", "detection AUC"):  # fmt: skip
         block = md.split(f"*{title}*", 1)[1].split("\n\n", 2)[1]
         assert block.splitlines()[0] == "| method | 4 e-/px | 32 e-/px |"
         assert [r.split(" | ")[0].lstrip("| ") for r in block.splitlines()[2:]] == methods
@@ -115,7 +118,7 @@ def test_report_has_every_section_table_and_figure(tiny_run: tuple) -> None:
         ("gaussian", g) for g in GAUSS
     ]
     assert bound["ideal_recall"].between(0, 1).all() and (bound["defects"] > 0).all()
-    assert "*defect recall: ideal-observer bound*" in md and "*defect recall bound, gaussian*" in md
+    assert "*defect detection: ideal-observer bound*" in md and "*defect recall bound, gaussian*" in md
     assert (out / "recall_bound.csv").is_file()
     assert set(res.runtime["method"]) == {"tiny", "gaussian", "median"}  # no noisy, no oracle timing
     assert (res.runtime["seconds_per_megapixel"] > 0).all()

@@ -138,6 +138,29 @@ def test_ms_ssim_gradient_stays_finite_for_anticorrelated_images():
     loss = ms_ssim_loss(pred, clean)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    # and not zero: the smooth floor still pushes a negative term back up (a hard clamp gave 0 here)
+    assert pred.grad.abs().max() > 0
+
+
+def test_smooth_floor_has_a_finite_bounded_nonzero_gradient():
+    from semray.metrics import smooth_floor
+
+    floor = 1e-3
+    x = torch.linspace(-1.0, 1.0, 20001, dtype=torch.float64, requires_grad=True)
+    w = 0.0448  # the smallest standard MS-SSIM weight: f(x) ** w is where the old clamp blew up
+    y = smooth_floor(x, floor)
+    (g,) = torch.autograd.grad((y**w).sum(), x)
+    assert torch.isfinite(g).all() and bool((g > 0).all())  # increasing everywhere, never flat
+    # bounded: at most w * floor ** (w - 1) (f >= floor, f' <= 1); clamp_min(1e-6) reached ~2.4e4
+    assert g.max().item() <= w * floor ** (w - 1) and g.max().item() < 50
+    assert bool((y >= floor).all())
+    hi = x.detach() >= 2 * floor  # exactly the identity where MS-SSIM terms normally live
+    assert torch.equal(y.detach()[hi], x.detach()[hi])
+    # continuous in value and slope at the switch
+    edge = torch.tensor([2 * floor - 1e-9, 2 * floor], dtype=torch.float64, requires_grad=True)
+    fe = smooth_floor(edge, floor)
+    (ge,) = torch.autograd.grad(fe.sum(), edge)
+    assert (fe[1] - fe[0]).abs().item() < 2e-9 and ge[0].item() == pytest.approx(ge[1].item(), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------ Sobel edge

@@ -154,6 +154,18 @@ def test_defect_metrics_stay_high_when_defects_are_kept(use_reference: bool):
 
 
 @pytest.mark.parametrize("use_reference", [True, False], ids=["reference", "no-reference"])
+def test_defect_contrast_is_polarity_aware(use_reference: bool):
+    ref = _lines()
+    clean, mask = _with_blobs(ref)
+    r = ref if use_reference else None
+    inverted = np.clip(2 * ref - clean, 0, 1)  # every defect with the opposite sign, same size
+    assert defect_contrast(clean, inverted, mask, r) == pytest.approx(0.0, abs=0.05)
+    if use_reference:  # without one, the ring mixes in pattern contrast (the fallback's known weakness)
+        half = ref + 0.5 * (clean - ref)  # kept at half strength
+        assert defect_contrast(clean, half, mask, r) == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("use_reference", [True, False], ids=["reference", "no-reference"])
 def test_defect_metrics_drop_when_defects_are_blurred_away(use_reference: bool):
     ref = _lines()
     clean, mask = _with_blobs(ref)

@@ -213,6 +213,42 @@ class ReportConfig(StrictModel):
     dpi: int = Field(100, ge=50, le=300, description="Resolution of the PNG figures (dots per inch).")
 
 
+class DetectionConfig(StrictModel):
+    """Defect detection with false alarms counted (:mod:`semray.evaluation.detection`): every method also
+    runs on the noisy defect-free reference render (same noise draw), and its output is scored at the
+    same defect sites; the ideal observer at the same rates (:mod:`semray.evaluation.detectability`)."""
+
+    enabled: bool = Field(
+        True,
+        description="Score at fixed false-alarm rates (doubles the denoising of images with defects).",
+    )
+    false_alarms: list[float] = Field(
+        default_factory=lambda: [0.01, 0.001],
+        description="False-alarm rates per defect site at which recall is reported (each in (0, 0.5]).",
+    )
+    bootstrap: int = Field(
+        500, ge=0, le=100_000, description="Bootstrap resamples of (image, draw) units for the CIs (0: none)."
+    )
+    mc_draws: int = Field(
+        64,
+        ge=0,
+        le=10_000,
+        description="Monte Carlo noise draws per image and draw for the ideal-observer check (0: none).",
+    )
+    mc_max_dose: float = Field(
+        8.0,
+        gt=0,
+        description="Monte Carlo runs at doses (e-/px) up to this, where the Gaussian approximation is weakest.",
+    )
+
+    @field_validator("false_alarms")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 < a <= 0.5 for a in v):
+            raise ValueError(f"false_alarms must be a non-empty list of rates in (0, 0.5], got {v}")
+        return v
+
+
 class MlflowConfig(StrictModel):
     """Logging the evaluation as one MLflow run (store chosen by semray.tracking)."""
 
@@ -262,6 +298,9 @@ class EvaluateConfig(StrictModel):
     methods: MethodsConfig = Field(default_factory=MethodsConfig, description="Denoisers to compare.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime measurement.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report contents.")
+    detection: DetectionConfig = Field(
+        default_factory=DetectionConfig, description="Detection at fixed false-alarm rates."
+    )
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow logging.")
     parallel: bool | None = Field(
         None,

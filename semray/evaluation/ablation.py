@@ -30,7 +30,7 @@ from semray.evaluation.result import EvaluationResult
 from semray.evaluation.runner import run_evaluation
 from semray.evaluation.stats import METRICS
 
-TABLE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast", "edge_preservation")
+TABLE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast", "gradient_correlation")
 VARIANTS_FILE = "variants.json"
 #: Written next to each trained variant's model, so a resumed ablation still reports its training.
 TRAIN_INFO_FILE = "ablation_train.json"

@@ -11,11 +11,11 @@ import pandas as pd
 from semray.config.evaluate import EvaluateConfig
 from semray.evaluation.report import SECTIONS, Block, Heading, Image, Para, Table
 from semray.evaluation.result import EvaluationResult
-from semray.evaluation.stats import METRICS, wide_table
+from semray.evaluation.stats import METRICS, metric_name, wide_table
 from semray.evaluation.testset import MAIN_CONDITION, Condition
 
 #: Metrics shown as tables for the out-of-generator conditions (the main sweep shows all of METRICS).
-ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall")
+ROBUSTNESS_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "recall_at_fa_0.01", "detection_auc")
 DELTA_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast")
 
 
@@ -45,31 +45,61 @@ def delta_table(deltas: pd.DataFrame, metric: str, condition: str, digits: int =
 
 
 def bound_table(bound: pd.DataFrame, condition: str, unit: str) -> pd.DataFrame:
-    """The ideal-observer recall bound of ``condition`` as report rows, one column per level (like
-    :func:`~semray.evaluation.stats.wide_table`); empty when there is none."""
+    """The ideal-observer bound of ``condition`` as report rows, one column per level (like
+    :func:`~semray.evaluation.stats.wide_table`): recall at each false-alarm rate, analytic and Monte
+    Carlo with their CIs (where computed), the old per-site 1e-3 figure and the Rose fraction; empty
+    when there is none."""
     if bound.empty:
         return bound
     b = bound[bound["condition"] == condition].sort_values("level")
     if b.empty:
         return pd.DataFrame()
-    cols = [f"{lv:g} {unit}" for lv in b["level"]]
+    rows: dict[str, list[str]] = {}
+    for col in [c for c in b.columns if c.startswith(("ideal_recall_at_fa_", "mc_recall_at_fa_"))]:
+        if col.endswith(("_low", "_high")):
+            continue
+        kind = "analytic" if col.startswith("ideal_") else "Monte Carlo, full noise model"
+        rate = col.split("recall_at_fa_")[1]
+        rows[f"ideal observer recall at {rate} false alarms/site ({kind})"] = [
+            _fmt_ci(v, lo, hi) for v, lo, hi in zip(b[col], b[f"{col}_low"], b[f"{col}_high"], strict=True)
+        ]
+    rows["ideal observer recall, 1e-3 per site, each site its own threshold"] = [
+        f"{v:.3f}" for v in b["ideal_recall"]
+    ]
+    rows["defects with d' >= 5"] = [f"{v:.3f}" for v in b["rose_fraction"]]
     table = pd.DataFrame(
-        [
-            [f"{v:.3f}" for v in b["ideal_recall"]],
-            [f"{v:.3f}" for v in b["rose_fraction"]],
-        ],
-        index=["ideal observer recall (bound)", "defects with d' >= 5"],
-        columns=cols,
+        list(rows.values()), index=list(rows), columns=[f"{lv:g} {unit}" for lv in b["level"]]
     )
     table.index.name = "bound"
     return table
 
 
+def _fmt_ci(v: float, lo: float, hi: float) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
+
+
 BOUND_NOTE = (
-    "The ideal observer knows each defect's shape, place and background and applies the matched filter to "
-    "the noisy image (0.1 % false alarms per site); its expected recall bounds any method's. It uses only "
-    "the shot, detector-gain and read noise of each image (the other noise terms would lower it), and d' >= 5 "
-    "is the Rose criterion for reliable detection (`semray.evaluation.detectability`)."
+    "The ideal observer knows each defect's shape, place and background and applies the prewhitened matched "
+    "filter to the noisy image. At a false-alarm rate per site it thresholds every site's likelihood ratio "
+    "at one common level (the Neyman-Pearson optimum for the pooled rates), so its recall bounds any method's "
+    "at that rate: analytic under independent Gaussian noise with the shot, detector-gain and read-noise "
+    "variance of each image (the other noise terms are left out, which keeps it optimistic), and checked by "
+    "Monte Carlo, the same filter on images drawn under the full noise model with the threshold read from "
+    "defect-free draws, at the low doses where the Gaussian approximation is weakest. CIs: bootstrap over "
+    "(image, draw) units. d' >= 5 is the Rose criterion (`semray.evaluation.detectability`)."
+)
+
+DETECTION_NOTE = (
+    "**Detection with false alarms counted.** Each method also denoised the defect-free reference render "
+    "of every image with defects under the same noise draw; at each defect site its output is scored by the "
+    "matched-filter gain (the fraction of the defect's signal present, `semray.metrics.defect_site_scores`) "
+    "with and without the defect. One threshold per method and dose gives the ROC: the AUC, and the recall "
+    "at 1e-2 and 1e-3 false alarms per site (threshold read from the defect-free sites; n/a when there are "
+    "fewer than 1/rate of them). Intervals: percentile bootstrap over (image, draw) units, threshold re-chosen "
+    "in each resample (± shows half the interval's width). `defect recall (no false-alarm control)` is the "
+    "older fixed detector, whose false-alarm rate on the same defect-free sites is in the next table."
 )
 
 
@@ -190,26 +220,30 @@ def results_blocks(
         Para(
             f"Mean over {_samples_text(cfg)} ± half-width of the "
             f"{cfg.report.ci:.0%} confidence interval of the mean (Student t). Higher is better for every "
-            "metric except defect contrast, where 1 (the defect kept at full strength) is best; the best "
+            "metric except defect contrast, where 1 (the defect kept at full strength) is best, and false "
+            "alarms, where lower is better; the best "
             "denoiser of each column is in bold. `noisy` is the unprocessed input."
         ),
     ]
-    for metric, name in METRICS.items():
+    shown = set(result.summary["metric"]) if "metric" in result.summary else set()
+    for metric in [*METRICS, *sorted(shown - set(METRICS))]:
+        if metric not in shown:
+            continue
+        if metric == "detection_auc":
+            b.append(Para(DETECTION_NOTE))
         b.append(
             Table(
                 wide_table(result.summary, metric, MAIN_CONDITION, methods, 3 if metric != "psnr" else 2),
-                name,
+                metric_name(metric),
             )
         )
     bound = bound_table(result.recall_bound, MAIN_CONDITION, main.level_unit)
     if not bound.empty:
-        b += [Para(BOUND_NOTE), Table(bound, "defect recall: ideal-observer bound")]
+        b += [Para(BOUND_NOTE), Table(bound, "defect detection: ideal-observer bound")]
     if f"curves_{MAIN_CONDITION}" in figures:
-        b.append(
-            Image(
-                figures[f"curves_{MAIN_CONDITION}"], "PSNR, SSIM, defect recall and defect contrast vs dose"
-            )
-        )
+        b.append(Image(figures[f"curves_{MAIN_CONDITION}"], "image quality and defect detection vs dose"))
+    if f"roc_{MAIN_CONDITION}" in figures:
+        b.append(Image(figures[f"roc_{MAIN_CONDITION}"], "detection ROC per dose, with the ideal observer"))
     return b
 
 
@@ -248,11 +282,11 @@ def robustness_blocks(
         )
     for cond in conditions[1:]:
         b.append(Heading(f"{cond.name} ({cond.kind})", 3))
-        for metric in ROBUSTNESS_METRICS:
+        for metric in [m for m in ROBUSTNESS_METRICS if m in set(result.summary.get("metric", []))]:
             b.append(
                 Table(
                     wide_table(result.summary, metric, cond.name, methods, 3 if metric != "psnr" else 2),
-                    f"{METRICS[metric]}, {cond.name}",
+                    f"{metric_name(metric)}, {cond.name}",
                 )
             )
         bound = bound_table(result.recall_bound, cond.name, cond.level_unit)
@@ -260,6 +294,8 @@ def robustness_blocks(
             b.append(Table(bound, f"defect recall bound, {cond.name}"))
         if f"curves_{cond.name}" in figures:
             b.append(Image(figures[f"curves_{cond.name}"], f"metrics vs level, {cond.name} noise"))
+        if f"roc_{cond.name}" in figures:
+            b.append(Image(figures[f"roc_{cond.name}"], f"detection ROC, {cond.name} noise"))
     return b
 
 
@@ -315,6 +351,8 @@ def files_blocks(meta: Mapping) -> list[Block]:
             "condition x level; "
             "`summary.csv`: mean/std/CI per cell; `deltas.csv`: paired differences vs the reference; "
             "`runtime.csv`; `recall_bound.csv`: the ideal-observer recall bound per condition x level; "
+            "`detection_sites.parquet`: each method's matched-filter score at every defect site with and "
+            "without the defect (and the Monte Carlo ideal observer's, `mc_draw` >= 0); "
             "`config.yaml`: the full config; `evaluation.json`: setup facts; `figures/`."
             + (
                 f"\n\nMLflow run `{meta['mlflow']['run_id']}` in experiment `{meta['mlflow']['experiment']}` "

@@ -22,7 +22,9 @@ from scipy import ndimage as ndi
 from semray.evaluation.stats import METRICS
 
 #: Metrics drawn in the metric-vs-level figure (the write-up's four).
-CURVE_METRICS = ("psnr", "ssim", "defect_psnr", "defect_recall", "defect_contrast")
+CURVE_METRICS = (
+    "psnr", "ssim", "defect_psnr", "defect_contrast", "defect_recall", "recall_at_fa_0.01", "detection_auc",
+)  # fmt: skip
 
 
 @dataclass
@@ -72,9 +74,9 @@ def plot_metrics_vs_level(
 ) -> Path:
     """One panel per metric: mean over images vs noise level (log x), one line per method, CI bars.
 
-    ``recall_bound`` (columns ``condition, level, ideal_recall``, see
-    :mod:`semray.evaluation.detectability`) adds the ideal observer's recall to the defect-recall
-    panel as a dashed grey line: no method can lie above it on average.
+    ``recall_bound`` (see :mod:`semray.evaluation.detectability`) adds the ideal observer: its
+    ``ideal_recall`` on the uncontrolled defect-recall panel, and on each recall-at-false-alarm panel
+    the analytic bound at that rate (dashed grey) and its Monte Carlo check with CI (grey squares).
     """
     s = summary[summary["condition"] == condition]
     unit = s["level_unit"].iloc[0] if not s.empty else ""
@@ -88,17 +90,10 @@ def plot_metrics_vs_level(
     dodge = {m: np.exp(span * 0.012 * (k - (len(methods) - 1) / 2)) for k, m in enumerate(methods)}
     for ax, metric in zip(axes.ravel(), metrics, strict=False):
         _metric_panel(ax, s[s["metric"] == metric], methods, styles, dodge)
-        if metric == "defect_recall" and recall_bound is not None and not recall_bound.empty:
-            b = recall_bound[recall_bound["condition"] == condition].sort_values("level")
-            if not b.empty:
-                ax.plot(
-                    b["level"],
-                    b["ideal_recall"],
-                    "--",
-                    color="0.45",
-                    linewidth=1.2,
-                    label="ideal observer (bound)",
-                )
+        if recall_bound is not None and not recall_bound.empty:
+            _bound_lines(
+                ax, recall_bound[recall_bound["condition"] == condition].sort_values("level"), metric
+            )
         ax.set_xscale("log")
         ax.set_xticks(levels, [f"{lv:g}" for lv in levels])
         ax.minorticks_off()
@@ -137,6 +132,80 @@ def _metric_panel(
             linewidth=1.4,
             **styles[m],
         )
+
+
+def _bound_lines(ax: Any, b: pd.DataFrame, metric: str) -> None:
+    """The ideal observer on ``metric``'s panel, from the recall-bound rows ``b`` of one condition."""
+    if metric == "defect_recall" and "ideal_recall" in b:
+        ax.plot(
+            b["level"],
+            b["ideal_recall"],
+            ":",
+            color="0.6",
+            linewidth=1.0,
+            label="ideal observer, 1e-3 per site",
+        )
+    if not metric.startswith("recall_at_fa_") or f"ideal_{metric}" not in b:
+        return
+    ax.plot(
+        b["level"], b[f"ideal_{metric}"], "--", color="0.3", linewidth=1.2, label="ideal observer (analytic)"
+    )
+    mc = b[np.isfinite(b[f"mc_{metric}"])] if f"mc_{metric}" in b else b.iloc[:0]
+    if not mc.empty:
+        err = np.vstack(
+            [mc[f"mc_{metric}"] - mc[f"mc_{metric}_low"], mc[f"mc_{metric}_high"] - mc[f"mc_{metric}"]]
+        )
+        ax.errorbar(
+            mc["level"], mc[f"mc_{metric}"], yerr=np.nan_to_num(err), fmt="s", color="0.3", markersize=4,
+            capsize=2, label="ideal observer (Monte Carlo)",
+        )  # fmt: skip
+
+
+def plot_roc(
+    sites: pd.DataFrame,
+    dprime: pd.DataFrame,
+    condition: str,
+    methods: Sequence[str],
+    out_png: str | Path,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Per level of ``condition``: each method's detection ROC (recall vs false alarms per site, log x),
+    pooled over its defect sites (:mod:`semray.evaluation.detection`), and the analytic ideal observer's
+    (:func:`semray.evaluation.detectability.ideal_roc`, dashed) from ``dprime`` (its per-site ``d'``)."""
+    from semray.evaluation.detectability import ideal_roc
+    from semray.evaluation.detection import roc_curve
+
+    s = sites[sites["condition"] == condition]
+    levels = sorted(s["level"].unique())
+    styles = _style(methods)
+    ncols = min(len(levels), 4)
+    nrows = int(np.ceil(len(levels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.3 * nrows + 0.8), squeeze=False, dpi=dpi)
+    for ax, lv in zip(axes.ravel(), levels, strict=False):
+        for m in methods:
+            d = s[(s["level"] == lv) & (s["method"] == m)]
+            if not d.empty:
+                fa, rec = roc_curve(d["score_defect"], d["score_reference"])
+                st = {k: v for k, v in styles[m].items() if k != "marker"}
+                ax.step(np.maximum(fa, 1e-4), rec, where="post", label=m, linewidth=1.2, **st)
+        dp = dprime[(dprime["condition"] == condition) & (dprime["level"] == lv)]["dprime"].to_numpy()
+        if dp.size:
+            fa, rec = ideal_roc(dp)
+            ax.plot(fa, rec, "--", color="0.3", linewidth=1.2, label="ideal observer (analytic)")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-4, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{lv:g} {s['level_unit'].iloc[0] if len(s) else ''}", fontsize=9)
+        ax.set_xlabel("false alarms per site")
+        ax.set_ylabel("recall")
+        ax.grid(True, alpha=0.3)
+    for ax in axes.ravel()[len(levels) :]:
+        ax.axis("off")
+    _figure_legend(fig, axes)
+    fig.suptitle(title or f"detection ROC: {condition}", fontsize=11)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.25, wspace=0.3, hspace=0.4)
+    return _save(fig, out_png)
 
 
 def _figure_legend(fig: plt.Figure, axes: np.ndarray) -> None:

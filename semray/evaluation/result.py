@@ -19,6 +19,7 @@ SUMMARY_FILE = "summary.csv"
 RUNTIME_FILE = "runtime.csv"
 DELTAS_FILE = "deltas.csv"
 BOUND_FILE = "recall_bound.csv"
+SITES_FILE = "detection_sites.parquet"
 META_FILE = "evaluation.json"
 CONFIG_FILE = "config.yaml"
 
@@ -35,8 +36,14 @@ class EvaluationResult:
         deltas: paired differences of each method against the reference method, paired on (image, draw).
         runtime: seconds per megapixel per method (empty when runtime measurement was off).
         meta: setup facts (images, methods with versions, machine, MLflow run id, ...).
-        recall_bound: per condition x level, the ideal observer's defect recall, an upper bound on
-            any method's (:func:`semray.evaluation.detectability.summarise`); empty without defects.
+        recall_bound: per condition x level, the ideal observer's defect recall
+            (:func:`semray.evaluation.detectability.summarise`) and, when detection was scored, its
+            recall at each false-alarm rate, analytic and Monte Carlo
+            (:func:`semray.evaluation.detectability.bound_at_false_alarms`); empty without defects.
+        sites: one row per defect site x image x draw x method x condition x level: the method's
+            matched-filter score with and without the defect (:mod:`semray.evaluation.detection`),
+            plus the Monte Carlo ideal observer's rows (``mc_draw`` >= 0; -1 for methods); empty when
+            detection was not scored.
     """
 
     out_dir: Path
@@ -46,6 +53,7 @@ class EvaluationResult:
     runtime: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
     recall_bound: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sites: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def run_id(self) -> str | None:
@@ -75,6 +83,7 @@ def load_evaluation(path: str | Path) -> EvaluationResult:
         _csv(RUNTIME_FILE),
         meta,
         _csv(BOUND_FILE),  # absent from evaluations written before the bound existed
+        pd.read_parquet(root / SITES_FILE) if (root / SITES_FILE).is_file() else pd.DataFrame(),
     )
 
 
@@ -85,6 +94,7 @@ __all__ = [
     "META_FILE",
     "RESULTS_FILE",
     "RUNTIME_FILE",
+    "SITES_FILE",
     "SUMMARY_FILE",
     "EvaluationResult",
     "load_evaluation",

@@ -6,11 +6,15 @@
 2. for each noise draw (seed ``cfg.seed + k``, ``k < cfg.noise_draws``) and condition, make every
    image's noisy versions, run every method over them (classical ones as Ray tasks when ``parallel``),
    and score each output with :func:`semray.metrics.compute_metrics` (also as Ray tasks); compute the
-   ideal observer's defect recall at each condition and level, the bound no method can beat on average
-   (:mod:`semray.evaluation.detectability`), pooled over the draws like the measured recall;
+   ideal observer's defect recall at each condition and level (:mod:`semray.evaluation.detectability`),
+   pooled over the draws like the measured recall; with ``detection.enabled`` every method also denoises
+   each defect image's defect-free reference render under the same draw, and both outputs are scored at
+   every defect site, which gives the ROC, AUC and recall at fixed false-alarm rates
+   (:mod:`semray.evaluation.detection`) and the ideal observer at those rates, analytic and Monte Carlo;
 3. time every method on one common image (:func:`semray.evaluation.methods.seconds_per_megapixel`);
 4. write ``results.parquet``/``.csv`` (one row per image x noise draw x method x condition x level), the
-   summary and paired differences (pooled over image x draw), the runtime and recall-bound tables,
+   summary and paired differences (pooled over image x draw), the runtime and recall-bound tables, the
+   detection site table,
    figures and ``report.md``/``report.html`` into the output folder (runtime and the visual examples
    come from the first draw);
 5. log all of it as one MLflow run.
@@ -28,6 +32,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +42,15 @@ import pandas as pd
 from semray.config.base import ConfigError, dump_yaml, load_config
 from semray.config.data import DatasetConfig
 from semray.config.evaluate import EvaluateConfig
-from semray.evaluation.detectability import detectability_table
+from semray.evaluation.detectability import (
+    bound_at_false_alarms,
+    detectability_table,
+    dprime_sites,
+    monte_carlo_sites,
+)
 from semray.evaluation.detectability import summarise as summarise_detectability
-from semray.evaluation.figures import Example, plot_examples, plot_metrics_vs_level, plot_runtime
+from semray.evaluation.detection import SITE_COLUMNS, detection_summary, site_rows
+from semray.evaluation.figures import Example, plot_examples, plot_metrics_vs_level, plot_roc, plot_runtime
 from semray.evaluation.methods import MethodRunner, build_runners, seconds_per_megapixel
 from semray.evaluation.result import (
     BOUND_FILE,
@@ -48,6 +59,7 @@ from semray.evaluation.result import (
     META_FILE,
     RESULTS_FILE,
     RUNTIME_FILE,
+    SITES_FILE,
     SUMMARY_FILE,
     EvaluationResult,
     load_evaluation,
@@ -80,18 +92,21 @@ def _use_ray(parallel: bool | None) -> bool:
 _metrics_task: Any = None
 
 
-def _metrics_many(items: Sequence[tuple[Any, np.ndarray, Any, Any]], use_ray: bool) -> list[dict[str, float]]:
-    """``compute_metrics(clean, out, mask, reference)`` for every item, in order (Ray tasks if asked)."""
-    from semray.metrics import compute_metrics
+def _metrics_many(
+    items: Sequence[tuple[Any, np.ndarray, Any, Any, np.ndarray | None]], use_ray: bool
+) -> list[tuple[dict[str, float], np.ndarray]]:
+    """:func:`semray.evaluation.detection.score_output` ``(clean, out, mask, reference, out_reference)``
+    for every item, in order (Ray tasks if asked)."""
+    from semray.evaluation.detection import score_output
 
     if not use_ray:
-        return [compute_metrics(c, o, m, r) for c, o, m, r in items]
+        return [score_output(*item) for item in items]
     import ray
 
     global _metrics_task
     if _metrics_task is None:
-        _metrics_task = ray.remote(num_cpus=1)(compute_metrics)
-    return ray.get([_metrics_task.remote(c, o, m, r) for c, o, m, r in items])
+        _metrics_task = ray.remote(num_cpus=1)(score_output)
+    return ray.get([_metrics_task.remote(*item) for item in items])
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -135,12 +150,17 @@ def evaluate_methods(
     example_level: float | None = None,
     n_examples: int = 0,
     progress: bool = True,
+    sites_out: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, list[Example]]:
     """Score every runner on every image at every level of every condition, under each noise seed.
 
     Args:
         seeds: the noise seed of each draw (:func:`~semray.evaluation.testset.make_noisy`); the visual
             examples come from the first.
+        sites_out: when given, detection is scored too: every runner also denoises the defect-free
+            reference render of each image with defects under the same noise draw, the results gain
+            ``defect_false_alarm`` (:func:`semray.metrics.defect_false_alarm`), and one row per defect
+            site (:data:`semray.evaluation.detection.SITE_COLUMNS`) is appended to ``sites_out``.
 
     Returns:
         ``(results, examples)``: one row per noise seed x condition x level x image x method (in that
@@ -168,62 +188,129 @@ def evaluate_methods(
         for cond in conditions:
             first_main = draw == 0 and cond.name == MAIN_CONDITION
             shown = {(example_level, ii) for ii in example_idx} if first_main else set()
-            rows += _score_condition(images, refs, cond, runners, seed, use_ray, shown, examples, bar)
+            inputs = _Inputs.make(images, refs, cond, seed, sites_out is not None, use_ray)
+            for k in shown.intersection(inputs.cells):
+                im, i = images[k[1]], inputs.cells.index(k)
+                examples[k[1]] = Example(
+                    im.image_id,
+                    im.pattern,
+                    k[0],
+                    cond.level_unit,
+                    inputs.targets[i],
+                    inputs.noisy[i],
+                    im.defect_mask,
+                    {},
+                )
+            for runner in runners:
+                bar.set_postfix_str(f"seed {seed}, {cond.name}: {runner.label}")
+                rows += _score_runner(images, cond, runner, seed, inputs, use_ray, shown, examples, sites_out)
+                bar.update(1)
     bar.close()
     return pd.DataFrame(rows), [examples[i] for i in example_idx if i in examples]
 
 
-def _score_condition(
+@dataclass
+class _Inputs:
+    """The noisy inputs of one condition under one noise seed.
+
+    ``cells[k] = (level, image index)``; ``noisy[k]`` its noisy image, ``targets[k]`` the clean image on
+    its scale and ``cell_refs[k]`` the (clean, defect_mask, reference) to score against
+    (:func:`_cell_targets`), ``sigma_true[k]``/``sigma_est[k]`` its true and estimated noise std;
+    ``ref_cells`` the cells whose image has a reference and defects (when detection is scored),
+    ``noisy_ref``/``sigma_ref`` their defect-free reference under the same noise draw.
+    """
+
+    cells: list[tuple[float, int]]
+    noisy: list[np.ndarray]
+    targets: list[np.ndarray]
+    cell_refs: list[tuple[Any, Any, Any]]
+    sigma_true: list[float]
+    sigma_est: list[float]
+    ref_cells: list[int]
+    noisy_ref: list[np.ndarray]
+    sigma_ref: list[float]
+
+    @classmethod
+    def make(
+        cls,
+        images: Sequence[TestImage],
+        refs: Sequence[tuple[Any, Any, Any]],
+        cond: Condition,
+        seed: int,
+        detection: bool,
+        use_ray: bool,
+    ) -> _Inputs:
+        from semray.classical import estimate_noise_sigma
+
+        cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
+        noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
+        cell_refs, targets = _cell_targets(images, refs, cond, cells, seed, use_ray)
+        sigma_true = [_std(n, t) for n, t in zip(noisy, targets, strict=True)]
+        sigma_est = [estimate_noise_sigma(n) for n in noisy]
+        ref_cells = [
+            k
+            for k, (_, ii) in enumerate(cells)
+            if detection and images[ii].reference is not None and images[ii].defect_mask.any()
+        ]
+        noisy_ref, sigma_ref = [], []
+        for k in ref_cells:  # the same noise key as the image's own: the same draw, without the defect
+            lv, im = cells[k][0], images[cells[k][1]]
+            assert im.reference is not None
+            noisy_ref.append(make_noisy(im.reference, cond, lv, seed, im.image_id))
+            sigma_ref.append(_std(noisy_ref[-1], make_target(im.reference, cond, lv, seed, im.image_id)))
+        return cls(cells, noisy, targets, cell_refs, sigma_true, sigma_est, ref_cells, noisy_ref, sigma_ref)
+
+
+def _std(noisy: np.ndarray, clean: np.ndarray) -> float:
+    return float(np.std(noisy - clean.astype(np.float64)))
+
+
+def _score_runner(
     images: Sequence[TestImage],
-    refs: Sequence[tuple[Any, Any, Any]],
     cond: Condition,
-    runners: Sequence[MethodRunner],
+    runner: MethodRunner,
     seed: int,
+    inputs: _Inputs,
     use_ray: bool,
     shown: set[tuple[float | None, int]],
     examples: dict[int, Example],
-    bar: Any,
+    sites_out: list[dict[str, Any]] | None,
 ) -> list[dict[str, Any]]:
-    """The result rows of every runner on every image at every level of ``cond`` under noise ``seed``.
+    """The result rows of ``runner`` on every cell of ``inputs`` (condition ``cond``, noise ``seed``).
 
-    ``refs`` holds each image's (clean, defect_mask, reference), as object refs under Ray. The cells
-    ``(level, image index)`` in ``shown`` are recorded in ``examples`` (noisy input and every output);
-    ``bar`` advances by one per runner.
+    Outputs are scored against ``inputs.cell_refs`` (object refs under Ray). The cells
+    ``(level, image index)`` in ``shown`` get ``runner``'s output in ``examples``; detection site rows
+    go to ``sites_out`` (when given).
     """
-    from semray.classical import estimate_noise_sigma
-
-    cells = [(lv, ii) for lv in cond.levels for ii in range(len(images))]
-    noisy = [make_noisy(images[ii].clean, cond, lv, seed, images[ii].image_id) for lv, ii in cells]
-    cell_refs, targets = _cell_targets(images, refs, cond, cells, seed, use_ray)
-    sigma_true = [float(np.std(n - t.astype(np.float64))) for n, t in zip(noisy, targets, strict=True)]
-    sigma_est = [estimate_noise_sigma(n) for n in noisy]
-    for k, (lv, ii) in enumerate(cells):
-        if (lv, ii) in shown:
-            im = images[ii]
-            examples[ii] = Example(
-                im.image_id, im.pattern, lv, cond.level_unit, targets[k], noisy[k], im.defect_mask, {}
-            )
-    rows: list[dict[str, Any]] = []
-    for runner in runners:
-        bar.set_postfix_str(f"seed {seed}, {cond.name}: {runner.label}")
-        outputs = runner.run_many(noisy, sigma_true)
-        scores = _metrics_many(
-            [(c, out, m, r) for out, (c, m, r) in zip(outputs, cell_refs, strict=True)],
-            use_ray,
+    outputs = runner.run_many(inputs.noisy, inputs.sigma_true)
+    out_ref: dict[int, np.ndarray] = {}
+    if inputs.ref_cells:
+        out_ref = dict(
+            zip(inputs.ref_cells, runner.run_many(inputs.noisy_ref, inputs.sigma_ref), strict=True)
         )
-        for k, ((lv, ii), out, sc) in enumerate(zip(cells, outputs, scores, strict=True)):
-            im = images[ii]
-            facts = (
-                im.image_id, seed, im.pattern, im.n_defects, cond.name, cond.kind, cond.out_of_generator,
-                float(lv), cond.level_unit, float(lv) if cond.level_unit == DOSE_UNIT else float("nan"),
-                runner.label, runner.kind, runner.version, bool(runner.oracle), sigma_true[k], sigma_est[k],
-            )  # fmt: skip
-            rows.append(
-                {**dict(zip(RESULT_COLUMNS, facts, strict=True)), **{m: float(v) for m, v in sc.items()}}
-            )
-            if (lv, ii) in shown:
-                examples[ii].outputs[runner.label] = out
-        bar.update(1)
+    scores = _metrics_many(
+        [
+            (c, out, m, r, out_ref.get(k))
+            for k, (out, (c, m, r)) in enumerate(zip(outputs, inputs.cell_refs, strict=True))
+        ],
+        use_ray,
+    )
+    rows: list[dict[str, Any]] = []
+    for k, ((lv, ii), out, (sc, sites)) in enumerate(zip(inputs.cells, outputs, scores, strict=True)):
+        im = images[ii]
+        facts = (
+            im.image_id, seed, im.pattern, im.n_defects, cond.name, cond.kind, cond.out_of_generator,
+            float(lv), cond.level_unit, float(lv) if cond.level_unit == DOSE_UNIT else float("nan"),
+            runner.label, runner.kind, runner.version, bool(runner.oracle), inputs.sigma_true[k],
+            inputs.sigma_est[k],
+        )  # fmt: skip
+        row = dict(zip(RESULT_COLUMNS, facts, strict=True))
+        rows.append({**row, **{m: float(v) for m, v in sc.items()}})
+        if sites_out is not None and k in out_ref:
+            keep = {c: row[c] for c in ("condition", "level", "level_unit", "image_id", "noise_seed")}
+            sites_out += site_rows({**keep, "method": runner.label, "method_kind": runner.kind}, *sites)
+        if (lv, ii) in shown:
+            examples[ii].outputs[runner.label] = out
     return rows
 
 
@@ -352,12 +439,22 @@ def run_evaluation(
     conditions = build_conditions(cfg, generator_noise(cfg))
     (out / "figures").mkdir(parents=True, exist_ok=True)
     seeds = cfg.noise_seeds()
+    sites: list[dict[str, Any]] | None = [] if cfg.detection.enabled else None
     results, examples = evaluate_methods(
-        images, conditions, runners, seeds, use_ray, example_level, cfg.report.n_examples, progress
+        images, conditions, runners, seeds, use_ray, example_level, cfg.report.n_examples, progress, sites
     )
     tables = _tables(cfg, results, images, conditions, runners, seeds)
+    dsites = pd.DataFrame()
+    if sites is not None:
+        dsites = _add_detection(cfg, tables, pd.DataFrame(sites, columns=SITE_COLUMNS), images, conditions)
     _write_tables(cfg, out, tables)
     figures = _figures(cfg, out, tables, conditions, [r.label for r in runners], examples, example_level)
+    if not dsites.empty:
+        for cond in conditions:
+            figures[f"roc_{cond.name}"] = plot_roc(
+                tables["sites"], dsites, cond.name, [r.label for r in runners],
+                out / "figures" / f"roc_{cond.name}.png", f"detection ROC, {_condition_title(cond)}", cfg.report.dpi,
+            )  # fmt: skip
     meta = _meta(cfg, images, conditions, runners, use_ray, example_level)
     meta["evaluation_seconds"] = round(time.perf_counter() - t_start, 2)
     meta["mlflow"] = None
@@ -410,6 +507,44 @@ def _tables(
     }
 
 
+def _add_detection(
+    cfg: EvaluateConfig,
+    tables: dict[str, pd.DataFrame],
+    sites: pd.DataFrame,
+    images: Sequence[TestImage],
+    conditions: Sequence[Condition],
+) -> pd.DataFrame:
+    """Add detection at fixed false-alarm rates to the tables of :func:`_tables` (in place): summary rows
+    (AUC, recall at each rate), the ideal observer at those rates in the recall bound (analytic at every
+    level, Monte Carlo at physical doses up to ``detection.mc_max_dose``) and the site table.
+
+    Returns:
+        The ideal observer's ``d'`` per site (:func:`~semray.evaluation.detectability.dprime_sites`).
+    """
+    det, seeds = cfg.detection, cfg.noise_seeds()
+    pooled = detection_summary(sites, det.false_alarms, cfg.report.ci, det.bootstrap)
+    tables["summary"] = pd.concat([tables["summary"], pooled], ignore_index=True)
+    dsites = pd.concat([dprime_sites(images, conditions, s) for s in seeds], ignore_index=True)
+    mc_parts = [
+        monte_carlo_sites(images, c, lv, s, det.mc_draws)
+        for s in seeds
+        for c in conditions
+        if c.kind != "gaussian" and det.mc_draws > 0
+        for lv in c.levels
+        if lv <= det.mc_max_dose
+    ]
+    mc = (
+        pd.concat(mc_parts, ignore_index=True)
+        if mc_parts
+        else pd.DataFrame(columns=[*SITE_COLUMNS, "mc_draw"])
+    )
+    if not dsites.empty:
+        at_fa = bound_at_false_alarms(dsites, mc, det.false_alarms, cfg.report.ci, det.bootstrap)
+        tables["recall_bound"] = tables["recall_bound"].merge(at_fa, on=["condition", "level"], how="left")
+    tables["sites"] = pd.concat([sites.assign(mc_draw=-1), mc], ignore_index=True)
+    return dsites
+
+
 def _write_tables(cfg: EvaluateConfig, out: Path, tables: dict[str, pd.DataFrame]) -> None:
     """Write the tables of :func:`_tables` and the config into ``out``."""
     tables["results"].to_parquet(out / RESULTS_FILE, index=False)
@@ -418,6 +553,8 @@ def _write_tables(cfg: EvaluateConfig, out: Path, tables: dict[str, pd.DataFrame
     tables["deltas"].to_csv(out / DELTAS_FILE, index=False)
     tables["runtime"].to_csv(out / RUNTIME_FILE, index=False)
     tables["recall_bound"].to_csv(out / BOUND_FILE, index=False)
+    if "sites" in tables:
+        tables["sites"].to_parquet(out / SITES_FILE, index=False)
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
 
 

@@ -20,12 +20,20 @@ METRICS: dict[str, str] = {
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
     "ms_ssim": "MS-SSIM",
-    "edge_preservation": "edge F1",
     "gradient_correlation": "gradient corr.",
+    "edge_preservation": "edge F1 (hardly sees leftover noise)",
     "defect_psnr": "defect-region PSNR (dB)",
     "defect_contrast": "defect contrast",
-    "defect_recall": "defect recall",
+    "defect_recall": "defect recall (no false-alarm control)",
+    "defect_false_alarm": "false alarms per site of that detector",
+    "detection_auc": "detection AUC",
+    "recall_at_fa_0.01": "recall at 1e-2 false alarms/site",
+    "recall_at_fa_0.001": "recall at 1e-3 false alarms/site",
 }
+#: Metrics pooled over all sites of a cell (:mod:`semray.evaluation.detection`), not per-image columns.
+POOLED_METRICS = frozenset({"detection_auc", "recall_at_fa_0.01", "recall_at_fa_0.001"})
+#: Metrics with one value per (image, draw) row of the results table.
+PER_IMAGE_METRICS = tuple(m for m in METRICS if m not in POOLED_METRICS)
 #: Range of each bounded metric; confidence intervals are clipped to it (PSNR is unbounded).
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "ssim": (-1.0, 1.0),
@@ -34,7 +42,10 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "gradient_correlation": (-1.0, 1.0),
     "defect_contrast": (0.0, 1.5),
     "defect_recall": (0.0, 1.0),
+    "defect_false_alarm": (0.0, 1.0),
 }
+#: Metrics where lower is better (the report marks the lowest mean as best).
+LOWER_BETTER = frozenset({"defect_false_alarm"})
 #: Metrics whose ideal value is 1 rather than "as high as possible" (defect contrast above 1 means the
 #: method exaggerated the defect).
 TARGET_ONE = frozenset({"defect_contrast"})
@@ -53,8 +64,17 @@ def _t_half_width(std: np.ndarray, n: np.ndarray, ci: float) -> np.ndarray:
     return np.where(n >= 2, half, np.nan)
 
 
+def metric_name(metric: str) -> str:
+    """Display name of ``metric`` (recall at any false-alarm rate included)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    if metric.startswith("recall_at_fa_"):
+        return f"recall at {metric.removeprefix('recall_at_fa_')} false alarms/site"
+    return metric
+
+
 def summarize(
-    results: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), ci: float = 0.95
+    results: pd.DataFrame, metrics: Sequence[str] = PER_IMAGE_METRICS, ci: float = 0.95
 ) -> pd.DataFrame:
     """Mean, std and CI of each metric per (condition, level, method) over all its images and noise
     draws, long format.
@@ -64,7 +84,8 @@ def summarize(
             ``method_kind`` and the metric columns (NaN where a metric is undefined, e.g. defect
             metrics on a defect-free image; NaNs are left out of that metric's mean and ``n``, which
             counts image x draw samples).
-        metrics: metric columns to summarise.
+        metrics: metric columns to summarise; those the table lacks are left out (``defect_false_alarm``
+            exists only when detection was scored).
         ci: confidence level of the interval of the mean (Student t, n - 1 dof), clipped to the
             metric's range (:data:`METRIC_RANGES`) so a small sample never shows a recall above 1.
 
@@ -74,7 +95,7 @@ def summarize(
     """
     long = results.melt(
         id_vars=[*GROUP_KEYS, "level_unit", "method_kind"],
-        value_vars=list(metrics),
+        value_vars=[m for m in metrics if m in results.columns],
         var_name="metric",
         value_name="value",
     )
@@ -98,7 +119,7 @@ def paired_deltas(
         "defect_psnr",
         "defect_recall",
         "defect_contrast",
-        "edge_preservation",
+        "gradient_correlation",
     ),
     ci: float = 0.95,
 ) -> pd.DataFrame:
@@ -160,8 +181,9 @@ def wide_table(
 ) -> pd.DataFrame:
     """``mean ± half-CI`` strings, one row per method and one column per level, for the report.
 
-    The best mean of each column (the highest; for :data:`TARGET_ONE` metrics the closest to 1) is
-    marked with ``**`` (Markdown bold), ignoring the ``noisy`` input row.
+    The best mean of each column (the highest; for :data:`TARGET_ONE` metrics the closest to 1, for
+    :data:`LOWER_BETTER` ones the lowest) is marked with ``**`` (Markdown bold), ignoring the ``noisy``
+    input row.
     """
     s = summary[(summary["metric"] == metric) & (summary["condition"] == condition)]
     if s.empty:
@@ -174,6 +196,8 @@ def wide_table(
         cand = col[col["method_kind"] != "noisy"]["mean"].dropna()
         if metric in TARGET_ONE:
             cand = -(cand - 1.0).abs()
+        elif metric in LOWER_BETTER:
+            cand = -cand
         best = cand.idxmax() if not cand.empty else None
         cells = []
         for m in table.index:

@@ -21,7 +21,9 @@ def metric_key(metric: str, condition: str, level: float, method: str) -> str:
 
 
 def summary_metrics(result: EvaluationResult) -> dict[str, float]:
-    """Every finite summary mean, every paired delta and every runtime, as flat MLflow metrics."""
+    """Every finite summary mean (detection AUC and recall at fixed false-alarm rates included), every
+    paired delta, every runtime and the ideal observer's recall at each false-alarm rate, as flat MLflow
+    metrics."""
     out: dict[str, float] = {}
     for r in result.summary.itertuples(index=False):
         if np.isfinite(r.mean):
@@ -31,6 +33,11 @@ def summary_metrics(result: EvaluationResult) -> dict[str, float]:
             out[metric_key(f"delta_{r.metric}", r.condition, r.level, r.method)] = float(r.mean_delta)
     for r in result.runtime.itertuples(index=False):
         out[_KEY_BAD.sub("_", f"runtime_s_per_mp/{r.method}")] = float(r.seconds_per_megapixel)
+    # the ideal observer at fixed false-alarm rates (analytic and Monte Carlo, with CI bounds)
+    for r in result.recall_bound.to_dict(orient="records"):
+        for col, v in r.items():
+            if str(col).startswith(("ideal_recall_at_fa_", "mc_recall_at_fa_")) and np.isfinite(v):
+                out[metric_key(f"bound_{col}", r["condition"], r["level"], "ideal_observer")] = float(v)
     return out
 
 
