@@ -202,6 +202,8 @@ def monte_carlo_sites(
     by its log likelihood ratio ``d' z - d' ** 2 / 2`` under the Gaussian model. Columns
     :data:`semray.evaluation.detection.SITE_COLUMNS` (method :data:`MC_METHOD`) plus ``mc_draw``; an
     (image, draw) unit keeps its ``image_id`` and ``noise_seed``, so the bootstrap resamples it whole.
+    Written for the default ``clip`` ADC window: under ``headroom`` the draws are on another scale than
+    ``clean``/``reference`` and this check does not apply.
     """
     rows = []
     for im in images:
