@@ -9,10 +9,10 @@
 
 How it fits together:
 
-* Each Tune trial (:func:`trial_fn`) applies its sampled values to the base training config, builds a
-  ``TorchTrainer`` with :func:`semray.train.build_trainer` (so trials train exactly as ``semray train``
-  does) and forwards every epoch's metrics to Tune through :class:`ScoreReportCallback`, which adds the
-  objective (:data:`~semray.config.tune.SCORE_METRIC`) that ASHA stops on.
+* Each Tune trial (:func:`trial_fn`) applies its sampled values to the base training config, fits it
+  with :func:`semray.train.fit_run` (so trials train exactly as ``semray train`` does) and forwards
+  every epoch's metrics to Tune through :class:`ScoreReportCallback`, which adds the objective
+  (:data:`~semray.config.tune.SCORE_METRIC`) that ASHA stops on.
 * MLflow: one parent run per search (tag ``semray.kind=tune-search``), one child run per trial (tag
   ``mlflow.parentRunId``) into which the training loop logs per-epoch metrics; the trial adds the
   score per epoch, its final metrics and its best model. After the search the best trial's model is
@@ -231,10 +231,9 @@ def trial_fn(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         ctx: search-wide context from :func:`run_search`: base config (JSON), objective (JSON), data
             plan, MLflow tracking URI / experiment / parent run, and where trials keep their runs.
     """
-    import ray
     import ray.tune
 
-    from semray.train import build_trainer, loop_config, start_epoch_clock
+    from semray.train import fit_run
     from semray.train.checkpoint import MODEL_SUBDIR
 
     cfg = trial_config(ctx["base"], params)
@@ -245,23 +244,10 @@ def trial_fn(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     run_name = f"train-{trial_id}"
     run_id = _trial_run(cfg, params, ctx, trial_id, trial_name)
-
-    clock = start_epoch_clock()
-    try:
-        config = loop_config(cfg, ctx["plan"], clock, run_name, ctx.get("tracking_uri"), run_id)
-        trainer = build_trainer(cfg, ctx["plan"], clock, config, run_name, ctx["train_storage"])
-        # build_trainer has no callbacks argument; Train V2 reads run_config.callbacks at fit() time
-        trainer.run_config.callbacks = [
-            *(trainer.run_config.callbacks or []),
-            ScoreReportCallback(objective, ctx.get("tracking_uri"), run_id),
-        ]
-        result = trainer.fit()
-    except Exception:
-        if run_id:
-            _client(ctx["tracking_uri"]).set_terminated(run_id, status="FAILED")
-        raise
-    finally:
-        ray.kill(clock)
+    result = fit_run(
+        cfg, ctx["plan"], run_name, ctx["train_storage"], tracking_uri=ctx.get("tracking_uri"),
+        mlflow_run_id=run_id, callbacks=[ScoreReportCallback(objective, ctx.get("tracking_uri"), run_id)],
+    )  # fmt: skip
 
     # only trials that ran all their epochs get here: ASHA stops the others by ending this process
     scored = [(c, {**m, SCORE_METRIC: objective.score(m)}) for c, m in (result.best_checkpoints or [])]
@@ -291,16 +277,6 @@ def _finite(v: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-
-
-def storage_root(cfg: TuneConfig) -> str:
-    """Where searches live: ``run.storage_path`` or ``$SEMRAY_HOME/tune`` (absolute for local paths)."""
-    from semray.tracking import semray_home
-
-    sp = cfg.run.storage_path
-    if sp:
-        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
-    return str(semray_home() / "tune")
 
 
 def trial_cpus(cfg: TuneConfig) -> float:
@@ -480,9 +456,9 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
     """
     from ray import tune
 
-    from semray.train import prepare_data
+    from semray.train import prepare_data, storage_root
 
-    storage = storage_root(cfg)
+    storage = storage_root(cfg.run.storage_path, "tune")
     name = cfg.run.name or "tune-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = f"{storage}/{name}"
     exists = tune.Tuner.can_restore(path)

@@ -27,7 +27,8 @@ from semray.selfsup import (
     replacement_offsets,
     sample_blind_pixels,
 )
-from semray.train.pipeline import crop_batch, selfsup_crop_batch, selfsup_noise_batch
+from semray.train.crops import CropSpec, crop_batch, crop_frames
+from semray.train.pipeline import selfsup_noise_batch
 
 # ------------------------------------------------------------------------------------ mask geometry
 
@@ -197,14 +198,15 @@ def test_noise_pair_frame1_is_the_pipeline_noise_and_frame2_is_independent() -> 
 def test_selfsup_stage_crops_both_frames_at_the_same_windows() -> None:
     batch = _clean_batch(3)
     noisy = selfsup_noise_batch(batch, NoiseConfig().model_dump(mode="json"), 5, 2, "n2n")
-    crops = selfsup_crop_batch(noisy, "n2n", 32, 2, 5, 2, 0.5, True, False)
-    plain = crop_batch(noisy, 32, 2, 5, 2, 0.5, True, False)
+    crop = CropSpec(32, 0.5, True, False)
+    crops = crop_frames(noisy, "n2n", crop, 2, 5, 2)
+    plain = crop_batch(noisy, crop, 2, 5, 2)
     np.testing.assert_array_equal(crops["clean"], plain["clean"])
     np.testing.assert_array_equal(crops["noisy"], plain["noisy"])
     # frame 2 cut at the same windows: cropping (noisy2 - clean) equals noisy2 crop - clean crop
-    diff = crop_batch({**noisy, "noisy": noisy["noisy2"] - noisy["clean"]}, 32, 2, 5, 2, 0.5, True, False)
+    diff = crop_batch({**noisy, "noisy": noisy["noisy2"] - noisy["clean"]}, crop, 2, 5, 2)
     np.testing.assert_allclose(crops["noisy2"] - crops["clean"], diff["noisy"], atol=1e-6)
-    assert "noisy2" not in selfsup_crop_batch(noisy, "structn2v", 32, 2, 5, 2, 0.5, True, False)
+    assert "noisy2" not in crop_frames(noisy, "structn2v", crop, 2, 5, 2)
     # acquired frames in the shard are used as they are
     acquired = {**batch, "noisy": batch["clean"] + 0.25}
     out = selfsup_noise_batch(acquired, NoiseConfig(), 5, 4, "n2v")

@@ -25,15 +25,16 @@ from semray.io import read_shard
 from semray.models.store import load_model
 from semray.models.unet import build_model
 from semray.train.checkpoint import LoopState, load_checkpoint, model_card, save_checkpoint
-from semray.train.pipeline import (
+from semray.train.crops import (
+    CropSpec,
     crop_batch,
     crop_rng,
-    load_val_batch,
     sample_augment,
     sample_crop_origins,
     val_crop_window,
 )
 from semray.train.schedule import apply_schedule, beta1, lr_factor
+from semray.train.shards import load_val_batch
 from semray.train.validate import ValItem, finalize, metric_sums, sums_to_tensor
 
 tiny_config = tiny_train_config  # a run that takes seconds per epoch (tests/conftest.py)
@@ -95,14 +96,14 @@ def _ramp_batch(n: int = 2, h: int = 40, w: int = 36) -> dict[str, np.ndarray]:
 
 def test_crop_batch_cuts_noisy_and_clean_at_the_same_window() -> None:
     batch = _ramp_batch()
-    out = crop_batch(batch, 16, 5, seed=1, epoch=3, flips=True, rot90=True)
+    out = crop_batch(batch, CropSpec(16, flips=True, rot90=True), 5, seed=1, epoch=3)
     assert out["noisy"].shape == out["clean"].shape == (10, 16, 16)
     np.testing.assert_allclose(out["noisy"] - out["clean"], 2.0, atol=1e-5)
     assert list(out["image_id"]) == ["img-0"] * 5 + ["img-1"] * 5
     assert out["noise_epoch"].tolist() == [3] * 10
     assert out["noise_dose_e_per_px"].tolist() == [5.0] * 5 + [50.0] * 5
     # without augmentation every crop is literally clean[y0:y0+16, x0:x0+16] at the drawn origin
-    plain = crop_batch(batch, 16, 5, seed=1, epoch=3, flips=False, rot90=False)
+    plain = crop_batch(batch, CropSpec(16, flips=False, rot90=False), 5, seed=1, epoch=3)
     origins = sample_crop_origins((40, 36), 16, 5, crop_rng(1, "img-1", 3), batch["defect_mask"][1], 0.0)
     for k, (y0, x0) in enumerate(origins):
         np.testing.assert_array_equal(plain["clean"][5 + k], batch["clean"][1, y0 : y0 + 16, x0 : x0 + 16])
@@ -112,7 +113,7 @@ def test_crop_batch_cuts_the_defect_mask_with_the_image() -> None:
     """The ``defect`` crops follow the same window and flips/rotations as ``clean``: the marked pixels
     are the known 3 x 3 defect of image 0 (defect_prob 1: every crop of image 0 holds part of it)."""
     batch = _ramp_batch()
-    out = crop_batch(batch, 16, 6, seed=2, epoch=3, defect_prob=1.0, flips=True, rot90=True)
+    out = crop_batch(batch, CropSpec(16, defect_prob=1.0, flips=True, rot90=True), 6, seed=2, epoch=3)
     assert out["defect"].shape == (12, 16, 16) and out["defect"].dtype == np.uint8
     counts = out["defect"][:6].sum(axis=(1, 2))
     assert (counts >= 1).all() and (counts <= 9).all() and (counts == 9).any()
@@ -124,14 +125,16 @@ def test_crop_batch_cuts_the_defect_mask_with_the_image() -> None:
         assert np.isin(marked, defect_values).all()
         assert not np.isin(out["clean"][k][out["defect"][k] == 0], defect_values).any()
     unknown = {**batch, "defect_mask": np.asarray([np.zeros((0, 0), bool)] * 2 + [None], dtype=object)[:2]}
-    assert crop_batch(unknown, 16, 2, seed=2, epoch=3)["defect"].sum() == 0  # unknown masks: no defect
+    assert (
+        crop_batch(unknown, CropSpec(16), 2, seed=2, epoch=3)["defect"].sum() == 0
+    )  # unknown masks: no defect
 
 
 def test_crops_are_reproducible_and_fresh_per_epoch() -> None:
     batch = _ramp_batch()
-    a = crop_batch(batch, 16, 4, seed=1, epoch=0)
-    b = crop_batch(batch, 16, 4, seed=1, epoch=0)
-    c = crop_batch(batch, 16, 4, seed=1, epoch=1)
+    a = crop_batch(batch, CropSpec(16), 4, seed=1, epoch=0)
+    b = crop_batch(batch, CropSpec(16), 4, seed=1, epoch=0)
+    c = crop_batch(batch, CropSpec(16), 4, seed=1, epoch=1)
     np.testing.assert_array_equal(a["clean"], b["clean"])
     assert not np.array_equal(a["clean"], c["clean"])
 
@@ -298,16 +301,17 @@ def test_noise_stage_follows_the_epoch_clock_and_the_run_seed(tiny_shards: Path,
     """A row's noise is exactly add_noise_batch(seed, epoch) of its image: fresh each epoch, reproducible."""
     import ray
 
-    from semray.train.pipeline import build_train_dataset, shard_files, start_epoch_clock
+    from semray.train.pipeline import SourceStream, build_train_dataset, start_epoch_clock
+    from semray.train.shards import shard_files
 
     cfg = tiny_config(tiny_shards, tiny_shards)
     files = shard_files([tiny_shards])
     clock = start_epoch_clock()
     # crop = whole 48x48 image and no flips, so the row must equal the pure function's output exactly
+    stream = SourceStream("shards", tuple(files), crops_per_image=1)
     ds = build_train_dataset(
-        files, cfg.noise, 9, clock, crop_px=48, crops_per_image=1, defect_prob=0.0, flips=False, rot90=False,
-        noise_batch_images=4, data_cpus=0.5,
-    )  # fmt: skip
+        [stream], cfg.noise, 9, clock, CropSpec(48, flips=False), noise_batch_images=4, data_cpus=0.5
+    )
 
     def noisy_by_id(epoch: int) -> dict[str, np.ndarray]:
         ray.get(clock.set.remote(epoch))

@@ -25,7 +25,9 @@ from semray.ingest import ingest
 from semray.io import read_shard
 from semray.noise import synthesize
 from semray.synth import render_wafer
-from semray.train.pipeline import allocate_crops, mix_crop_batch, mix_totals
+from semray.train.crops import CropSpec
+from semray.train.mix import allocate_crops, mix_totals
+from semray.train.pipeline import source_crop_batch
 
 WEIGHTS = {"real_clean": 7.0, "real_pairs": 2.0, "synthetic": 1.0}
 SRC_PX, CROP_PX = 96, 48  # source images are cut by ingest into 2 x 2 crops of 48 px
@@ -211,20 +213,20 @@ def test_mix_crops_use_pairs_as_is_and_noise_clean_references() -> None:
         "noisy": clean + 2.0,  # marker: an as-is crop keeps noisy - clean == 2 exactly
         "defect_mask": np.zeros((3, 40, 40), dtype=bool),
     }
-    out = mix_crop_batch(batch, [2, 0, 1], source="pairs", noise_mode="as_is", noise=NoiseConfig(), seed=3,
-                         epoch=4, crop_px=16)  # fmt: skip
+    out = source_crop_batch(batch, [2, 0, 1], source="pairs", noise_mode="as_is", noise=NoiseConfig(), seed=3,
+                            epoch=4, crop=CropSpec(16))  # fmt: skip
     assert out["noisy"].shape == (3, 16, 16) and list(out["source"]) == ["pairs"] * 3
     assert sorted(out["image_id"]) == ["p0", "p0", "p2"]
     np.testing.assert_allclose(out["noisy"] - out["clean"], 2.0, atol=1e-6)
     assert np.isnan(out["noise_dose_e_per_px"]).all() and (out["noise_epoch"] == 4).all()
-    synth = mix_crop_batch({k: v for k, v in batch.items() if k != "noisy"}, [1, 1, 0], source="refs",
-                           noise_mode="synthesize", noise=NoiseConfig(), seed=3, epoch=4, crop_px=40,
-                           flips=False)  # fmt: skip
+    synth = source_crop_batch({k: v for k, v in batch.items() if k != "noisy"}, [1, 1, 0], source="refs",
+                              noise_mode="synthesize", noise=NoiseConfig(), seed=3, epoch=4,
+                              crop=CropSpec(40, flips=False))  # fmt: skip
     expect = add_noise_batch({"image_id": batch["image_id"][:2], "clean": clean[:2]}, NoiseConfig(), 3, 4)
     np.testing.assert_array_equal(synth["noisy"], expect["noisy"])  # the same noise as unmixed training
     assert np.isfinite(synth["noise_dose_e_per_px"]).all()
-    empty = mix_crop_batch(batch, [0, 0, 0], source="pairs", noise_mode="as_is", noise=NoiseConfig(), seed=3,
-                           epoch=0, crop_px=16)  # fmt: skip
+    empty = source_crop_batch(batch, [0, 0, 0], source="pairs", noise_mode="as_is", noise=NoiseConfig(), seed=3,
+                              epoch=0, crop=CropSpec(16))  # fmt: skip
     assert empty["noisy"].shape == (0, 16, 16) and len(empty["source"]) == 0
 
 
@@ -271,7 +273,7 @@ def test_mix_pipeline_draws_every_source_in_proportion(
     import ray
 
     from semray.train import prepare_data
-    from semray.train.pipeline import build_mix_dataset, start_epoch_clock
+    from semray.train.pipeline import build_train_dataset, start_epoch_clock
 
     # a bigger epoch than the training test: 3 crops per image, no step cap
     cfg = mix_config(
@@ -283,8 +285,8 @@ def test_mix_pipeline_draws_every_source_in_proportion(
     plan = prepare_data(cfg)
     totals = [p.crops_per_epoch for p in plan.sources]
     clock = start_epoch_clock()
-    ds = build_mix_dataset(
-        plan.sources, totals, cfg.noise, cfg.seed, clock, crop_px=32, defect_prob=0.5, flips=True, rot90=False,
+    ds = build_train_dataset(
+        plan.streams(cfg.data.crops_per_image), cfg.noise, cfg.seed, clock, CropSpec(32, 0.5, True, False),
         noise_batch_images=cfg.data.noise_batch_images, data_cpus=0.5,
     )  # fmt: skip
     owner = _source_of_ids(mix_data)

@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _resolve_config(args: argparse.Namespace) -> TrainConfig:
     from semray.cli import UsageError
-    from semray.train.runner import RUN_CONFIG_FILE, latest_run, storage_root
+    from semray.train.fit import storage_root
+    from semray.train.runner import RUN_CONFIG_FILE, latest_run
 
     init = getattr(args, "init", None)
     if init is not None and args.resume is not None:
@@ -70,7 +71,7 @@ def _resolve_config(args: argparse.Namespace) -> TrainConfig:
         raise UsageError("--config is required (or --resume RUN to continue a run with its saved config)")
     else:
         base = load_config(TrainConfig, None, args.overrides)
-        storage = storage_root(base)
+        storage = storage_root(base.run.storage_path)
         name = args.resume or base.run.name or latest_run(storage)
         if not name:
             raise UsageError(f"no run to resume under {storage}")

@@ -1,6 +1,6 @@
 """The per-worker training loop that Ray Train runs on every rank (also usable from Ray Tune trials).
 
-``train_loop_per_worker(config)`` expects the dict :func:`semray.train.runner.loop_config` builds:
+``train_loop_per_worker(config)`` expects the dict :func:`semray.train.fit.loop_config` builds:
 the validated :class:`~semray.config.train.TrainConfig` (as JSON), the epoch-clock actor, the steps per
 epoch, the fixed validation set (an object ref, built once by the driver), the MLflow tracking URI and
 run id, and optional starting weights. Each epoch:
@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,18 +158,58 @@ def _train_batches(shard: Any, cfg: TrainConfig, epoch: int) -> Iterator[dict[st
     )
 
 
+@dataclass
+class Worker:
+    """Everything one rank holds for the run, built once by :func:`setup_worker`."""
+
+    cfg: TrainConfig
+    run_name: str
+    rank: int
+    world: int
+    clock: Any
+    steps_per_epoch: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    net: torch.nn.Module  # the bare model (checkpoints, validation)
+    model: torch.nn.Module  # the DDP-wrapped one (training)
+    optimizer: torch.optim.Optimizer
+    loss_fn: torch.nn.Module
+    objective: SelfSupervisedObjective | None
+    state: LoopState
+    val_all: list[Any]
+    train_shard: Any
+    logger: Any = None
+
+    @property
+    def val_mine(self) -> list[Any]:
+        """This rank's share of the fixed validation items."""
+        return self.val_all[self.rank :: self.world]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (see module docstring). ``config`` comes from ``runner.loop_config``."""
+    """Ray Train entry point (see module docstring). ``config`` comes from ``fit.loop_config``."""
+    # 1. setup: model (resumed or initial weights), DDP, optimiser, losses, validation set, data shard
+    w = setup_worker(config)
+    for epoch in range(w.state.epoch + 1, w.cfg.optim.epochs):
+        # 2. one epoch of training on this rank's split of the train dataset
+        metrics, seen = train_epoch(w, epoch)
+        # 3. validation, all-reduced, and the early-stopping decision (the same on every rank)
+        stop = validate_epoch(w, epoch, metrics)
+        # 4. report: the checkpoint (a barrier), then MLflow metrics and figures on rank 0
+        report_epoch(w, epoch, metrics, seen, last=stop or epoch == w.cfg.optim.epochs - 1)
+        if stop:
+            break
+
+
+def setup_worker(config: dict[str, Any]) -> Worker:
+    """Step 1: this rank's model, optimiser and data, continuing from the last checkpoint if any."""
     import ray
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig.model_validate(config["cfg"])
-    clock = config["clock"]
-    steps_per_epoch = int(config["steps_per_epoch"])
-    run_name = str(config["run_name"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.seed)
 
@@ -193,132 +234,161 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(opt_state)
     loss_fn = build_loss(cfg.loss).to(device)  # supervised objective; always the val_loss against clean
     objective = None if cfg.loss.objective == "supervised" else SelfSupervisedObjective(cfg.loss)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    mode = cfg.validation.resolved_mode
 
     val_batch = config["val_batch"]
     val_all = collect_val_items([ray.get(val_batch) if isinstance(val_batch, ray.ObjectRef) else val_batch])
-    val_mine = val_all[rank::world]
-    fig_items = val_all[: cfg.validation.figure_images]
+    rank = ctx.get_world_rank()
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
         from semray.train.mlflow_log import EpochLogger
 
         logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
-    train_shard = ray.train.get_dataset_shard("train")
+    return Worker(
+        cfg, str(config["run_name"]), rank, ctx.get_world_size(), config["clock"], int(config["steps_per_epoch"]),
+        device, amp_dtype, memory_format, net, model, optimizer, loss_fn, objective, state, val_all,
+        ray.train.get_dataset_shard("train"), logger,
+    )  # fmt: skip
 
-    for epoch in range(state.epoch + 1, cfg.optim.epochs):
-        if rank == 0:
-            ray.get(clock.set.remote(epoch))
-        model.train()
-        seen: Counter[str] = Counter()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, samples
-        part_sums: Counter[str] = Counter()
-        lr = float("nan")
-        t0 = time.perf_counter()
-        for i, batch in enumerate(_train_batches(train_shard, cfg, epoch)):
-            if i >= steps_per_epoch:
-                break
-            if not (batch["noise_epoch"] == epoch).all():
-                raise RuntimeError(
-                    f"rank {rank} got noise of epoch(s) {sorted(set(batch['noise_epoch'].tolist()))} while "
-                    f"training epoch {epoch}: the epoch clock and the data pipeline are out of step"
-                )
-            _maybe_fail(cfg, epoch, i, rank, world)
-            noisy = batch["noisy"].to(device, non_blocking=True, memory_format=memory_format)
-            clean = batch["clean"].to(device, non_blocking=True, memory_format=memory_format)
-            lr = apply_schedule(
-                optimizer, state.step, total_steps, cfg.optim.lr, cfg.optim.schedule,
-                cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio,
-            )  # fmt: skip
-            inp, target, loss_mask = _inputs_and_targets(
-                objective, batch, noisy, clean, (cfg.seed, rank, state.step), device, memory_format
-            )
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(inp)
-            if objective is None and isinstance(loss_fn, DefectWeightedLoss):
-                defect = batch["defect"].to(device, non_blocking=True)
-                total, parts = loss_fn(pred.float(), target, defect)
-            elif objective is None:
-                total, parts = loss_fn(pred.float(), target)
-            else:
-                total, parts = objective.loss(pred.float(), target, loss_mask)
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite training loss at epoch {epoch}, step {state.step}: {parts}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.optim.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-            optimizer.step()
-            state.step += 1
-            n = noisy.shape[0]
-            sums += torch.tensor([float(total.detach()) * n, 1.0, float(n)], dtype=torch.float64)
-            part_sums.update({k: v * n for k, v in parts.items() if k != "total"})
-            seen.update(batch["image_id"])
-        epoch_time = time.perf_counter() - t0
 
-        crop_px = cfg.data.crop_px
-        part_keys = sorted(part_sums)
-        totals = _all_reduce(
-            torch.cat([sums, torch.tensor([part_sums[k] for k in part_keys], dtype=torch.float64)])
+def _check_noise_epoch(batch: dict[str, Any], epoch: int, rank: int) -> None:
+    if not (batch["noise_epoch"] == epoch).all():
+        raise RuntimeError(
+            f"rank {rank} got noise of epoch(s) {sorted(set(batch['noise_epoch'].tolist()))} while "
+            f"training epoch {epoch}: the epoch clock and the data pipeline are out of step"
         )
-        slowest = float(_all_reduce(torch.tensor([epoch_time], dtype=torch.float64), op="max")[0])
-        n_samples = max(float(totals[2]), 1.0)
-        metrics: dict[str, float] = {
-            "epoch": float(epoch),
-            "step": float(state.step),
-            "lr": lr,
-            "train_loss": float(totals[0]) / n_samples,
-            **{f"train_{k}": float(totals[3 + j]) / n_samples for j, k in enumerate(part_keys)},
-            "epoch_time_s": slowest,
-            "samples_per_s": float(totals[2]) / max(slowest, 1e-9),
-            "megapixels_per_s": float(totals[2]) * crop_px * crop_px / 1e6 / max(slowest, 1e-9),
-        }
 
-        t_val = time.perf_counter()
-        _sync_buffers(net)
-        den = denoise_images(net, [it.noisy for it in val_mine], device, amp_dtype)
-        keys = val_keys(val_all)  # + per-source keys of a mix, the same on every rank
-        val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, loss_fn), keys)), keys)
-        metrics.update(val)
-        metrics["val_time_s"] = time.perf_counter() - t_val
-        score = val[cfg.validation.metric]
-        metrics["checkpoint_score"] = checkpoint_score(score, mode)
-        if math.isfinite(score) and state.improved(score, mode, cfg.validation.min_delta):
-            state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-        else:
-            state.bad_epochs += 1
-        state.epoch = epoch
-        patience = cfg.validation.patience
-        stop = patience > 0 and state.bad_epochs >= patience
-        last = stop or epoch == cfg.optim.epochs - 1
-        metrics["best_epoch"] = float(state.best_epoch)
 
-        with tempfile.TemporaryDirectory(prefix="semray-ckpt-") as tmp:
-            if rank == 0:
-                card = model_card(
-                    cfg, run_name, epoch, {k: v for k, v in metrics.items() if k.startswith("val_")}
-                )
-                save_checkpoint(tmp, net, cfg, optimizer, state, card)
-            write_data_record(tmp, DataRecord.from_counter(epoch, rank, seen))
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"epoch-{epoch:05d}",
-            )
+def _step(w: Worker, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float], int, float]:
+    """One optimiser step on one batch: ``(loss, its parts, batch size, learning rate)``."""
+    cfg, device, fmt = w.cfg, w.device, w.memory_format
+    noisy = batch["noisy"].to(device, non_blocking=True, memory_format=fmt)
+    clean = batch["clean"].to(device, non_blocking=True, memory_format=fmt)
+    lr = apply_schedule(
+        w.optimizer, w.state.step, w.steps_per_epoch * cfg.optim.epochs, cfg.optim.lr, cfg.optim.schedule,
+        cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio,
+    )  # fmt: skip
+    inp, target, loss_mask = _inputs_and_targets(
+        w.objective, batch, noisy, clean, (cfg.seed, w.rank, w.state.step), device, fmt
+    )
+    with torch.autocast(device.type, dtype=w.amp_dtype, enabled=w.amp_dtype is not None):
+        pred = w.model(inp)
+    if w.objective is None and isinstance(w.loss_fn, DefectWeightedLoss):
+        defect = batch["defect"].to(device, non_blocking=True)
+        total, parts = w.loss_fn(pred.float(), target, defect)
+    elif w.objective is None:
+        total, parts = w.loss_fn(pred.float(), target)
+    else:
+        total, parts = w.objective.loss(pred.float(), target, loss_mask)
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {w.state.step}: {parts}")
+    w.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.optim.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), cfg.optim.grad_clip_norm)
+    w.optimizer.step()
+    w.state.step += 1
+    return total, parts, noisy.shape[0], lr
 
-        if logger is not None:
-            logger.log_metrics(metrics, step=epoch)
-            every = cfg.validation.figure_every
-            if last or (every > 0 and epoch % every == 0):
-                with tempfile.TemporaryDirectory(prefix="semray-fig-") as tmp:
-                    fig_den = denoise_images(net, [it.noisy for it in fig_items], device, amp_dtype)
-                    png = sample_figure(
-                        fig_items, fig_den, Path(tmp) / f"val_epoch{epoch:05d}.png",
-                        title=f"{run_name} epoch {epoch}: val PSNR {metrics['val_psnr']:.2f} dB",
-                    )  # fmt: skip
-                    logger.log_artifact(png, "figures")
-        if stop:
+
+def train_epoch(w: Worker, epoch: int) -> tuple[dict[str, float], Counter[str]]:
+    """Step 2: one epoch of training; returns the epoch's all-reduced training metrics and the images
+    this rank trained on (with multiplicity)."""
+    import ray
+
+    if w.rank == 0:
+        ray.get(w.clock.set.remote(epoch))
+    w.model.train()
+    seen: Counter[str] = Counter()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, samples
+    part_sums: Counter[str] = Counter()
+    lr = float("nan")
+    t0 = time.perf_counter()
+    for i, batch in enumerate(_train_batches(w.train_shard, w.cfg, epoch)):
+        if i >= w.steps_per_epoch:
             break
+        _check_noise_epoch(batch, epoch, w.rank)
+        _maybe_fail(w.cfg, epoch, i, w.rank, w.world)
+        total, parts, n, lr = _step(w, batch, epoch)
+        sums += torch.tensor([float(total.detach()) * n, 1.0, float(n)], dtype=torch.float64)
+        part_sums.update({k: v * n for k, v in parts.items() if k != "total"})
+        seen.update(batch["image_id"])
+    return _train_metrics(w, epoch, lr, sums, part_sums, time.perf_counter() - t0), seen
+
+
+def _train_metrics(
+    w: Worker, epoch: int, lr: float, sums: torch.Tensor, part_sums: Counter[str], epoch_time: float
+) -> dict[str, float]:
+    """The epoch's training metrics, summed over ranks (time: the slowest rank's)."""
+    crop_px = w.cfg.data.crop_px
+    part_keys = sorted(part_sums)
+    totals = _all_reduce(
+        torch.cat([sums, torch.tensor([part_sums[k] for k in part_keys], dtype=torch.float64)])
+    )
+    slowest = float(_all_reduce(torch.tensor([epoch_time], dtype=torch.float64), op="max")[0])
+    n_samples = max(float(totals[2]), 1.0)
+    return {
+        "epoch": float(epoch),
+        "step": float(w.state.step),
+        "lr": lr,
+        "train_loss": float(totals[0]) / n_samples,
+        **{f"train_{k}": float(totals[3 + j]) / n_samples for j, k in enumerate(part_keys)},
+        "epoch_time_s": slowest,
+        "samples_per_s": float(totals[2]) / max(slowest, 1e-9),
+        "megapixels_per_s": float(totals[2]) * crop_px * crop_px / 1e6 / max(slowest, 1e-9),
+    }
+
+
+def validate_epoch(w: Worker, epoch: int, metrics: dict[str, float]) -> bool:
+    """Step 3: validate this rank's share of the fixed crops, all-reduce the sums (so every rank holds
+    the same metrics), update the early-stopping state; adds to ``metrics`` and returns whether to stop."""
+    cfg, state = w.cfg, w.state
+    mode = cfg.validation.resolved_mode
+    t_val = time.perf_counter()
+    _sync_buffers(w.net)
+    val_mine = w.val_mine
+    den = denoise_images(w.net, [it.noisy for it in val_mine], w.device, w.amp_dtype)
+    keys = val_keys(w.val_all)  # + per-source keys of a mix, the same on every rank
+    val = finalize(_all_reduce(sums_to_tensor(metric_sums(val_mine, den, w.loss_fn), keys)), keys)
+    metrics.update(val)
+    metrics["val_time_s"] = time.perf_counter() - t_val
+    score = val[cfg.validation.metric]
+    metrics["checkpoint_score"] = checkpoint_score(score, mode)
+    if math.isfinite(score) and state.improved(score, mode, cfg.validation.min_delta):
+        state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
+    else:
+        state.bad_epochs += 1
+    state.epoch = epoch
+    metrics["best_epoch"] = float(state.best_epoch)
+    patience = cfg.validation.patience
+    return patience > 0 and state.bad_epochs >= patience
+
+
+def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], seen: Counter[str], last: bool) -> None:
+    """Step 4: every rank reports (a barrier): rank 0 with the model + optimiser state, each rank with
+    the images it trained on; then rank 0 logs the metrics (and every few epochs a figure) to MLflow."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="semray-ckpt-") as tmp:
+        if w.rank == 0:
+            val_metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            card = model_card(w.cfg, w.run_name, epoch, val_metrics)
+            save_checkpoint(tmp, w.net, w.cfg, w.optimizer, w.state, card)
+        write_data_record(tmp, DataRecord.from_counter(epoch, w.rank, seen))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"epoch-{epoch:05d}",
+        )
+    if w.logger is None:
+        return
+    w.logger.log_metrics(metrics, step=epoch)
+    every = w.cfg.validation.figure_every
+    if last or (every > 0 and epoch % every == 0):
+        fig_items = w.val_all[: w.cfg.validation.figure_images]
+        with tempfile.TemporaryDirectory(prefix="semray-fig-") as tmp:
+            fig_den = denoise_images(w.net, [it.noisy for it in fig_items], w.device, w.amp_dtype)
+            png = sample_figure(
+                fig_items, fig_den, Path(tmp) / f"val_epoch{epoch:05d}.png",
+                title=f"{w.run_name} epoch {epoch}: val PSNR {metrics['val_psnr']:.2f} dB",
+            )  # fmt: skip
+            w.logger.log_artifact(png, "figures")

@@ -69,9 +69,12 @@ def reopen_run(cfg: TrainConfig, run_id: str) -> None:
     client.log_text(run_id, dump_yaml(cfg), f"config/train-resumed-{int(time.time())}.yaml")
 
 
-def finish_run(run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
-    """Set final tags and the run status (``FINISHED``, ``FAILED`` or ``KILLED``)."""
-    client = _client()
+def finish_run(
+    run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None, tracking_uri: str | None = None
+) -> None:
+    """Set final tags and the run status (``FINISHED``, ``FAILED`` or ``KILLED``) in the store at
+    ``tracking_uri`` (None: semray's configured store)."""
+    client = _client(tracking_uri)
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
     client.set_terminated(run_id, status=status)
