@@ -9,8 +9,8 @@ to its unweighted value as a detached Python float, plus ``"total"``, for loggin
 Example::
 
     >>> import torch
-    >>> from semray.config.loss import LossConfig
-    >>> loss = build_loss(LossConfig())
+    >>> from semray.config.loss import loss_config
+    >>> loss = build_loss(loss_config())
     >>> total, parts = loss(torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))
     >>> sorted(parts)
     ['charbonnier', 'edge', 'ms_ssim', 'total']
@@ -24,7 +24,7 @@ import kornia
 import torch
 from torch import Tensor, nn
 
-from semray.config.loss import MS_SSIM_WEIGHTS, LossConfig
+from semray.config.loss import MS_SSIM_WEIGHTS, CompositeLossConfig, LossConfig, MseSsimLossConfig
 from semray.metrics import ms_ssim_torch, ssim_torch
 
 
@@ -272,7 +272,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
 
 
 def _build_base_loss(cfg: LossConfig) -> nn.Module:
-    if cfg.kind == "composite":
+    if isinstance(cfg, CompositeLossConfig):
         return CompositeLoss(
             eps=cfg.charbonnier_eps,
             alpha=cfg.alpha,
@@ -281,7 +281,7 @@ def _build_base_loss(cfg: LossConfig) -> nn.Module:
             ms_ssim_win_size=cfg.ms_ssim_win_size,
             ms_ssim_win_sigma=cfg.ms_ssim_win_sigma,
         )
-    if cfg.kind == "mse_ssim":
+    if isinstance(cfg, MseSsimLossConfig):
         return MSESSIMLoss(cfg.ssim_lambda, cfg.ssim_win_size)
     if cfg.kind == "l1":
         return L1Loss()

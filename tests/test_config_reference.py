@@ -66,7 +66,9 @@ def test_core_sections_present() -> None:
         "NoiseConfig",
         "SynthConfig",
         "UNetConfig",
-        "LossConfig",
+        "CompositeLossConfig",
+        "MseSsimLossConfig",
+        "L1LossConfig",
     ):
         assert required in names
 

@@ -9,7 +9,8 @@ import pytorch_msssim
 import torch
 
 from semray.config.base import ConfigError, load_config
-from semray.config.loss import MS_SSIM_WEIGHTS, LossConfig
+from semray.config.loss import MS_SSIM_WEIGHTS, MseSsimLossConfig, loss_config
+from semray.config.train import TrainConfig
 from semray.losses import (
     CharbonnierLoss,
     CompositeLoss,
@@ -94,7 +95,7 @@ def test_l1_hand_value():
 # ------------------------------------------------------------------------------------- MS-SSIM
 @pytest.mark.parametrize("size", [64, 128])
 def test_ms_ssim_default_works_on_training_crops(size: int):
-    loss = build_loss(LossConfig(alpha=1.0, beta=0.0))
+    loss = build_loss(loss_config(alpha=1.0, beta=0.0))
     clean = _pattern(size, size).repeat(4, 1, 1, 1)
     pred = _noisy(clean, 0.1).requires_grad_()
     total, parts = loss(pred, clean)
@@ -216,7 +217,7 @@ def test_composite_is_the_weighted_sum_and_minimal_at_identity():
 
 
 def test_composite_with_zero_weights_is_plain_charbonnier_and_skips_terms():
-    loss = build_loss(LossConfig(alpha=0.0, beta=0.0))
+    loss = build_loss(loss_config(alpha=0.0, beta=0.0))
     t = _pattern(8, 8)  # too small for MS-SSIM, fine since it is not computed
     total, parts = loss(_noisy(t, 0.1), t)
     assert set(parts) == {"charbonnier", "total"}
@@ -270,10 +271,10 @@ def test_inputs_are_checked_up_front():
 
 # ------------------------------------------------------------------------------------ config
 def test_build_loss_kinds():
-    assert isinstance(build_loss(LossConfig()), CompositeLoss)
-    assert isinstance(build_loss(LossConfig(kind="mse_ssim")), MSESSIMLoss)
-    assert isinstance(build_loss(LossConfig(kind="l1")), L1Loss)
-    custom = build_loss(LossConfig(ms_ssim_scales=2, ms_ssim_weights=[1.0, 3.0]))
+    assert isinstance(build_loss(loss_config()), CompositeLoss)
+    assert isinstance(build_loss(loss_config(kind="mse_ssim")), MSESSIMLoss)
+    assert isinstance(build_loss(loss_config(kind="l1")), L1Loss)
+    custom = build_loss(loss_config(ms_ssim_scales=2, ms_ssim_weights=[1.0, 3.0]))
     assert custom.ms_ssim.weights == [0.25, 0.75]
 
 
@@ -285,13 +286,36 @@ def test_build_loss_kinds():
         ({"charbonnier_eps": 0}, "charbonnier_eps"),
         ({"ms_ssim_win_size": 8}, "ms_ssim_win_size"),
         ({"kind": "mse"}, "kind"),
+        ({"kind": "mse_ssim", "ssim_win_size": 8}, "ssim_win_size"),
         ({"ms_ssim_scales": 3, "ms_ssim_weights": [1.0, 1.0]}, "ms_ssim_weights"),
         ({"gamma": 1.0}, "gamma"),
     ],
 )
 def test_loss_config_rejects_bad_values_naming_the_field(override, field):
-    with pytest.raises(ConfigError, match="ms_ssim_weights has" if field == "ms_ssim_weights" else field):
-        load_config(LossConfig, override)
+    # the field's YAML path (no union tag in it), or for a bad kind the section naming the tag field
+    match = "ms_ssim_weights has" if field == "ms_ssim_weights" else rf"  loss\.{field}: |  loss: .*'{field}'"
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, {"loss": override})
+
+
+def test_loss_fields_live_on_their_kind_and_old_configs_name_the_moved_key() -> None:
+    """A weight of another kind (accepted and ignored before the loss became per kind) is an error that
+    names it and its kind; without ``kind`` the loss is composite."""
+    with pytest.raises(
+        ConfigError, match=r"loss kind 'l1' has no loss\.alpha \(a field of kind 'composite'\)"
+    ):
+        load_config(TrainConfig, {"loss": {"kind": "l1", "alpha": 0.5}})
+    with pytest.raises(ConfigError, match=r"loss\.ssim_lambda \(a field of kind 'mse_ssim'\)"):
+        load_config(TrainConfig, {"loss": {"alpha": 0.5, "ssim_lambda": 0.2}})
+    with pytest.raises(ConfigError, match=r"loss\.ms_ssim_scales .*loss\.ms_ssim_win_size"):
+        load_config(
+            TrainConfig, None, ["loss.kind=mse_ssim", "loss.ms_ssim_scales=2", "loss.ms_ssim_win_size=5"]
+        )
+    cfg = load_config(TrainConfig, {"loss": {"kind": "mse_ssim", "ssim_lambda": 0.3, "defect_weight": 1.0}})
+    assert isinstance(cfg.loss, MseSsimLossConfig) and cfg.loss.ssim_lambda == 0.3
+    assert "alpha" not in cfg.loss.model_dump() and cfg.loss.charbonnier_eps == 1e-3  # common field
+    assert load_config(TrainConfig, {"loss": {"defect_weight": 1.0}}).loss.kind == "composite"
+    assert load_config(TrainConfig, cfg.model_dump(mode="json")) == cfg  # a dump loads back
 
 
 def test_grow_mask_dilates_a_pixel_to_a_square() -> None:
@@ -342,7 +366,7 @@ def test_defect_weighted_loss_adds_the_term_and_steers_the_gradient_to_defects()
 
 
 def test_build_loss_wraps_only_when_defect_weight_is_set() -> None:
-    assert isinstance(build_loss(LossConfig(defect_weight=2.0)), DefectWeightedLoss)
-    assert isinstance(build_loss(LossConfig()), CompositeLoss)
+    assert isinstance(build_loss(loss_config(defect_weight=2.0)), DefectWeightedLoss)
+    assert isinstance(build_loss(loss_config()), CompositeLoss)
     with pytest.raises(ValueError, match="defect_weight needs clean targets"):
-        LossConfig(defect_weight=1.0, objective="n2v")
+        loss_config(defect_weight=1.0, objective="n2v")

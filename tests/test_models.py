@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from semray.config.base import ConfigError, load_config
-from semray.config.loss import LossConfig
+from semray.config.loss import loss_config
 from semray.config.model import UNetConfig
 from semray.losses import build_loss
 from semray.models import UNet, build_model, count_parameters, flops_per_megapixel
@@ -43,7 +43,7 @@ def test_variant_round_trips_odd_sizes_and_trains_one_step(variant: str):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
-    total, parts = build_loss(LossConfig())(model(x), target)
+    total, parts = build_loss(loss_config())(model(x), target)
     opt.zero_grad()
     total.backward()
     opt.step()

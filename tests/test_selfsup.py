@@ -12,7 +12,7 @@ from conftest import tiny_train_base, train_config
 
 from semray.config.base import ConfigError, load_config
 from semray.config.data import DatasetConfig
-from semray.config.loss import LossConfig
+from semray.config.loss import loss_config
 from semray.config.model import UNetConfig
 from semray.config.noise import NoiseConfig
 from semray.config.train import TrainConfig
@@ -218,19 +218,21 @@ def test_selfsup_stage_crops_both_frames_at_the_same_windows() -> None:
 
 def test_objective_prepares_inputs_targets_and_masks() -> None:
     noisy = torch.rand(2, 1, 32, 32)
-    ss = SelfSupervisedObjective(LossConfig(objective="structn2v", mask={"fraction": 0.05, "half_length": 3}))
+    ss = SelfSupervisedObjective(
+        loss_config(objective="structn2v", mask={"fraction": 0.05, "half_length": 3})
+    )
     inp, target, mask = ss.prepare(noisy, None, np.random.default_rng(0))
     assert mask is not None and int(mask.sum()) == 2 * round(0.05 * 32 * 32)
     assert torch.equal(target, noisy) and not torch.equal(inp, noisy)
     total, parts = ss.loss(inp, target, mask)
     assert parts["total"] == pytest.approx(float(total)) and "structn2v_mse" in parts
-    n2n = SelfSupervisedObjective(LossConfig(objective="n2n"))
+    n2n = SelfSupervisedObjective(loss_config(objective="n2n"))
     second = torch.rand(2, 1, 32, 32)
     assert n2n.prepare(noisy, second, np.random.default_rng(0))[1] is second
     with pytest.raises(ValueError, match="noisy2"):
         n2n.prepare(noisy, None, np.random.default_rng(0))
     with pytest.raises(ValueError, match="supervised"):
-        SelfSupervisedObjective(LossConfig())
+        SelfSupervisedObjective(loss_config())
     with pytest.raises(ConfigError, match=r"loss.mask.fraction"):
         load_config(TrainConfig, {"loss": {"objective": "n2v", "mask": {"fraction": 0.5}}})
     with pytest.raises(ConfigError, match=r"loss.objective"):

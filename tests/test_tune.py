@@ -62,6 +62,25 @@ def test_bad_config_names_the_field(override: str, field: str) -> None:
         load_config(TuneConfig, CONFIGS / "tune_tiny.yaml", [override])
 
 
+def test_a_trial_uses_only_the_loss_weights_of_the_kind_it_drew() -> None:
+    """A space may sample loss.kind with weights of several kinds; a trial keeps those of its own kind
+    (the others never affected it), and a weight of another kind is still range-checked on that kind."""
+    from semray.config.loss import CompositeLossConfig, MseSsimLossConfig
+
+    base = load_config(TuneConfig, CONFIGS / "tune_laptop.yaml").base
+    drawn = {"loss.alpha": 0.3, "loss.ssim_lambda": 0.4, "loss.defect_weight": 1.0}
+    mse = trial_config(base, {"loss.kind": "mse_ssim", **drawn}).loss
+    assert isinstance(mse, MseSsimLossConfig) and (mse.ssim_lambda, mse.defect_weight) == (0.4, 1.0)
+    assert "alpha" not in mse.model_dump() and mse.ssim_win_size == 11  # mse_ssim's own default
+    comp = trial_config(base, {"loss.kind": "composite", **drawn}).loss
+    assert (
+        isinstance(comp, CompositeLossConfig) and comp.alpha == 0.3 and "ssim_lambda" not in comp.model_dump()
+    )
+    assert comp.ms_ssim_scales == base.loss.ms_ssim_scales  # the base's composite settings are kept
+    with pytest.raises(ConfigError, match=r"space\.loss\.ssim_lambda: value -1\.0 is invalid"):
+        load_config(TuneConfig, CONFIGS / "tune_tiny.yaml", ["space.loss.ssim_lambda={uniform: [-1.0, 0.5]}"])
+
+
 def test_nested_overrides_replace_dotted_dimensions() -> None:
     cfg = load_config(TuneConfig, CONFIGS / "tune_tiny.yaml", ["space.loss.beta.grid=[0.25, 0.75]"])
     assert cfg.space["loss.beta"] == Dimension(grid=[0.25, 0.75])

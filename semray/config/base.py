@@ -48,10 +48,21 @@ class ConfigError(ValueError):
     """A config could not be loaded or validated; the message names the source and each bad field."""
 
 
+#: Fields holding a union discriminated by a tag (``loss`` by ``kind``), with their tags: pydantic puts
+#: the tag into an error's location (``loss.composite.alpha``), which is not a key of the YAML.
+UNION_TAGS: dict[str, frozenset[str]] = {}
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    """An error location as the dotted YAML path, without the tags of discriminated unions."""
+    parts = [p for i, p in enumerate(loc) if not (i and p in UNION_TAGS.get(str(loc[i - 1]), ()))]
+    return ".".join(str(p) for p in parts)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = _yaml_path(tuple(e["loc"])) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this config)"

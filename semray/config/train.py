@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from semray.config.base import StrictModel
 from semray.config.data import DatasetConfig
-from semray.config.loss import LossConfig
+from semray.config.loss import CompositeLossConfig, LossConfig, MseSsimLossConfig
 from semray.config.model import UNetConfig
 from semray.config.noise import NoiseConfig
 
@@ -392,7 +392,9 @@ class TrainConfig(StrictModel):
     data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Shards, crops, batches.")
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Noise synthesised on the fly.")
     model: UNetConfig = Field(default_factory=UNetConfig, description="The network.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="The training objective.")
+    loss: LossConfig = Field(
+        default_factory=CompositeLossConfig, description="The training objective (by kind)."
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Validation.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Workers and resources.")
@@ -428,18 +430,16 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _crops_fit_the_loss(self) -> TrainConfig:
-        crop = self.data.crop_px
-        if self.loss.kind == "composite" and self.loss.alpha > 0:
+        crop, loss = self.data.crop_px, self.loss
+        if isinstance(loss, CompositeLossConfig) and loss.alpha > 0:
             # same rule as semray.metrics.ms_ssim_min_side (not imported: configs stay torch-free)
-            s, win = self.loss.ms_ssim_scales, self.loss.ms_ssim_win_size
+            s, win = loss.ms_ssim_scales, loss.ms_ssim_win_size
             need = win * 2 ** (s - 1) - (2 ** (s - 1) - 1)
             if crop < need:
                 raise ValueError(
-                    f"data.crop_px={crop} is too small for MS-SSIM with {self.loss.ms_ssim_scales} scales and "
-                    f"a {self.loss.ms_ssim_win_size}-px window (needs >= {need}); use larger crops or fewer scales"
+                    f"data.crop_px={crop} is too small for MS-SSIM with {loss.ms_ssim_scales} scales and "
+                    f"a {loss.ms_ssim_win_size}-px window (needs >= {need}); use larger crops or fewer scales"
                 )
-        if self.loss.kind == "mse_ssim" and crop < self.loss.ssim_win_size:
-            raise ValueError(
-                f"data.crop_px={crop} is smaller than loss.ssim_win_size={self.loss.ssim_win_size}"
-            )
+        if isinstance(loss, MseSsimLossConfig) and crop < loss.ssim_win_size:
+            raise ValueError(f"data.crop_px={crop} is smaller than loss.ssim_win_size={loss.ssim_win_size}")
         return self

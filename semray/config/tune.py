@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from semray.config.base import StrictModel, read_yaml
+from semray.config.loss import KIND_FIELDS
 from semray.config.train import VALIDATION_METRICS, TrainConfig
 
 #: Fields of the training config a search may vary (loss weights and architecture variants, plus the
@@ -281,9 +282,12 @@ class TuneConfig(StrictModel):
 
         base = self.base.model_dump(mode="json")
         for key, dim in self.space.items():
+            # a weight of another loss kind is checked on that kind (it only applies to trials of it)
+            owner = KIND_FIELDS.get(key.removeprefix("loss.")) if key.startswith("loss.") else None
+            other_kind = {"loss.kind": owner} if owner and owner != base["loss"]["kind"] else {}
             for value in dim.extremes():
                 try:
-                    trial_config(base, {key: value})
+                    trial_config(base, {**other_kind, key: value})
                 except ConfigError as e:
                     detail = str(e).split("\n", 1)[-1].strip()
                     raise ValueError(f"space.{key}: value {value!r} is invalid: {detail}") from None
@@ -303,4 +307,16 @@ def trial_config(base: TrainConfig | dict[str, Any], params: dict[str, Any]) -> 
     data = copy.deepcopy(base.model_dump(mode="json") if isinstance(base, TrainConfig) else base)
     for key, value in params.items():
         set_dotted(data, key, value)
+    if any(k.startswith("loss.") for k in params):
+        _keep_fields_of_loss_kind(data.setdefault("loss", {}))
     return load_config(TrainConfig, data)
+
+
+def _keep_fields_of_loss_kind(loss: dict[str, Any]) -> None:
+    """Drop the weights of other loss kinds from a trial's ``loss``: a space may sample ``loss.kind``
+    together with weights of several kinds (``loss.alpha`` for composite, ``loss.ssim_lambda`` for
+    mse_ssim), and a trial uses only those of the kind it drew; the others have no effect on it (Tune
+    still records every drawn value with the trial)."""
+    kind = loss.get("kind", "composite")
+    for name in [k for k in loss if KIND_FIELDS.get(k, kind) != kind]:
+        del loss[name]
