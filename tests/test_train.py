@@ -58,6 +58,26 @@ def test_config_errors_name_the_field(tiny_shards: Path, tmp_path: Path) -> None
     assert load_config(TrainConfig, {"validation": {"metric": "val_loss"}}).validation.resolved_mode == "min"
 
 
+def test_a_run_config_saved_before_per_kind_losses_resumes_without_other_kinds_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run folder's train.yaml written when every loss kind's weights were accepted (and ignored)
+    loads for --resume: the other kinds' weights are dropped and a line names them."""
+    import yaml
+
+    from semray.train.runner import RUN_CONFIG_FILE, load_run_config
+
+    old = load_config(TrainConfig, None).model_dump(mode="json")  # composite: alpha, beta, ms_ssim_*
+    old["loss"].update({"kind": "mse_ssim", "ssim_lambda": 0.3, "ssim_win_size": 11})
+    (tmp_path / RUN_CONFIG_FILE).write_text(yaml.safe_dump(old))
+    cfg = load_run_config(tmp_path, ["optim.epochs=2"])
+    assert (cfg.loss.kind, cfg.loss.ssim_lambda, cfg.optim.epochs) == ("mse_ssim", 0.3, 2)
+    out = capsys.readouterr().out
+    assert "ignoring loss.alpha, loss.beta, loss.ms_ssim_scales" in out and "'mse_ssim'" in out
+    (tmp_path / RUN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert load_run_config(tmp_path) == cfg and capsys.readouterr().out == ""  # a new dump: no note
+
+
 def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parent.parent / "configs"
     names = ["stage1_mse_ssim", "stage2_charbonnier", "stage3_full", "default_model", "care_l1"]

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _resolve_config(args: argparse.Namespace) -> TrainConfig:
     from semray.cli import UsageError
     from semray.train.fit import storage_root
-    from semray.train.runner import RUN_CONFIG_FILE, latest_run
+    from semray.train.runner import RUN_CONFIG_FILE, latest_run, load_run_config
 
     init = getattr(args, "init", None)
     if init is not None and args.resume is not None:
@@ -78,7 +78,7 @@ def _resolve_config(args: argparse.Namespace) -> TrainConfig:
         saved = Path(storage) / name / RUN_CONFIG_FILE
         if not saved.is_file():
             raise UsageError(f"run {name!r} has no saved config at {saved}; pass --config")
-        cfg = load_config(TrainConfig, saved, args.overrides)
+        cfg = load_run_config(saved.parent, args.overrides)
         cfg.run.name = name
     if args.resume:
         cfg.run.name = args.resume

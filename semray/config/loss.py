@@ -230,6 +230,18 @@ def _default_kind_and_moved_keys(data: Any) -> Any:
     return data
 
 
+def drop_fields_of_other_kinds(loss: dict[str, Any]) -> list[str]:
+    """Remove from a ``loss`` mapping (in place) the weights its ``kind`` does not have; returns their
+    names. For mappings whose extra weights never had an effect: a Tune trial that drew another kind
+    than its base, a run folder's config saved before the loss became per kind. Configs a user writes
+    go through the validator instead, which rejects such keys by name."""
+    kind = loss.get("kind", "composite")
+    dropped = [k for k in loss if KIND_FIELDS.get(k, kind) != kind]
+    for k in dropped:
+        del loss[k]
+    return dropped
+
+
 #: The ``loss`` section: one of the kinds above, chosen by ``kind`` (default ``composite``).
 LossConfig = Annotated[
     Union[CompositeLossConfig, MseSsimLossConfig, L1LossConfig],  # noqa: UP007 (a discriminated union)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from semray.config.base import StrictModel, read_yaml
-from semray.config.loss import KIND_FIELDS
+from semray.config.loss import KIND_FIELDS, drop_fields_of_other_kinds
 from semray.config.train import VALIDATION_METRICS, TrainConfig
 
 #: Fields of the training config a search may vary (loss weights and architecture variants, plus the
@@ -308,15 +308,8 @@ def trial_config(base: TrainConfig | dict[str, Any], params: dict[str, Any]) -> 
     for key, value in params.items():
         set_dotted(data, key, value)
     if any(k.startswith("loss.") for k in params):
-        _keep_fields_of_loss_kind(data.setdefault("loss", {}))
+        # a space may sample loss.kind with weights of several kinds (loss.alpha for composite,
+        # loss.ssim_lambda for mse_ssim): a trial uses those of the kind it drew, the others have no
+        # effect on it (Tune still records every drawn value with the trial)
+        drop_fields_of_other_kinds(data.setdefault("loss", {}))
     return load_config(TrainConfig, data)
-
-
-def _keep_fields_of_loss_kind(loss: dict[str, Any]) -> None:
-    """Drop the weights of other loss kinds from a trial's ``loss``: a space may sample ``loss.kind``
-    together with weights of several kinds (``loss.alpha`` for composite, ``loss.ssim_lambda`` for
-    mse_ssim), and a trial uses only those of the kind it drew; the others have no effect on it (Tune
-    still records every drawn value with the trial)."""
-    kind = loss.get("kind", "composite")
-    for name in [k for k in loss if KIND_FIELDS.get(k, kind) != kind]:
-        del loss[name]

@@ -306,11 +306,27 @@ def latest_run(storage_path: str) -> str | None:
     return max(runs, key=lambda p: (p / RUN_INFO_FILE).stat().st_mtime).name if runs else None
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run was started (or last resumed) with, from its folder."""
-    from semray.config.base import load_config
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The config a run was started (or last resumed) with, from its folder, with ``overrides``.
 
-    return load_config(TrainConfig, Path(run_dir) / RUN_CONFIG_FILE)
+    A config saved before the loss became per kind holds every kind's weights; those of other kinds
+    (which had no effect) are dropped, and a line says which."""
+    from semray.config.base import load_config, read_yaml
+    from semray.config.loss import drop_fields_of_other_kinds
+
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    data = read_yaml(path)
+    loss = data.get("loss")
+    dropped = drop_fields_of_other_kinds(loss) if isinstance(loss, dict) else []
+    if dropped:
+        print(
+            f"semray train: {path} was saved before the loss config was per kind; ignoring "
+            + ", ".join(f"loss.{k}" for k in dropped)
+            + f" (not fields of loss kind {loss.get('kind', 'composite')!r}, they had no effect)",
+            flush=True,
+        )
+        return load_config(TrainConfig, data, overrides)
+    return load_config(TrainConfig, path, overrides)
 
 
 # --------------------------------------------------------------------------------------------------
