@@ -12,6 +12,7 @@ from pathlib import Path
 
 from semray.cli.args import add_config_args
 from semray.config.base import load_config
+from semray.config.calibrate import CalibrationConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from semray.calibrate import CalibrationConfig, run_calibration
+    from semray.calibrate import run_calibration
     from semray.cli import UsageError
     from semray.io import ImageReadError
 

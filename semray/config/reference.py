@@ -46,6 +46,7 @@ RUN_CONFIGS: tuple[tuple[str, str], ...] = (
     ("Synthetic data set (`semray synth`)", "semray.config.data.DatasetConfig"),
     ("Clean pattern synthesis", "semray.config.synth.SynthConfig"),
     ("Noise model", "semray.config.noise.NoiseConfig"),
+    ("Noise calibration (`semray calibrate-noise`)", "semray.config.calibrate.CalibrationConfig"),
     ("Ingest of user images (`semray ingest`)", "semray.config.ingest.IngestConfig"),
     ("U-Net model", "semray.config.model.UNetConfig"),
     ("Training loss, `kind: composite` (default)", "semray.config.loss.CompositeLossConfig"),

@@ -1,0 +1,126 @@
+"""Noise calibration: estimate the SEM noise model's parameters from real noisy images (no clean reference).
+
+The estimators invert :mod:`semray.noise` component by component. Images are float ``(H, W)`` arrays in
+``[0, 1]``; the fast-scan axis is x (columns), the slow-scan axis y (rows). Every estimator returns a
+value and a standard error; :func:`calibrate` pools the images (they are assumed to come from one tool
+setting) and turns the estimates into a :class:`~semray.config.noise.NoiseConfig` with narrow ranges,
+switching off every component whose signature is not detected (estimate < ``detect_sigma`` standard
+errors from zero).
+
+Signatures, and what each estimator assumes:
+
+* **Signal-dependent variance** (shot + detector gain + read noise + ADC). In flat 8 x 8 patches the
+  half mean squared difference at lags 1 and 2 (along x within rows, or along y within columns with
+  each difference's mean over the patch's columns removed, which cancels row offsets/gains/drift) is
+  extrapolated to lag 0, ``(4 D(1) - D(2)) / 3``: that removes the smooth-signal term and leaves the
+  noise variance ``v(I) = a * I + b``. Flatness is judged on the patch's *other* lines (independent
+  noise) against a first-pass noise model. With ``y0 = se_yield_min``, ``dY = se_yield_max -
+  se_yield_min``, ``cv = detector_gain_cv`` and ADC step ``q``, :mod:`semray.noise` gives::
+
+      a = (1 + cv**2) / (dose * dY)                     b = a * y0 / dY + read_sigma**2 + q**2 / 12
+
+  so ``dose = (1 + cv**2) / (a * dY)`` and ``read_sigma**2 = b - a * y0 / dY - q**2 / 12``.
+* **Row offset (/ gain)**: per row, the second difference across rows ``z[y] - (z[y-1] + z[y+1]) / 2``
+  is regressed on the local intensity. The white level of the intercept (and slope) sequences over
+  rows is read off their periodogram, with harmonics of patterns that repeat along y clipped
+  (:func:`white_floor`), and the pixel-noise part computed from ``v(I)`` is subtracted.
+* **Line jitter**: the sub-pixel shift between consecutive rows is fitted separately in ``K`` segments
+  of each row; jitter moves the whole row, line-edge roughness and noise do not, so the covariance of
+  *different* segments' shifts is ``2 * jitter_px**2``. Jitter also makes row-to-row differences at
+  x-gradients noisy; the variance fit corrects its y samples for it.
+* **Fast-axis noise correlation** (detector bandwidth): the lag-0 extrapolation of x-differences
+  measures ``sigma**2 (1 - rho) (3 - rho) / 3`` for correlation ``rho**k``; compared with the
+  y-direction variance (rows are milliseconds apart: white) it gives ``rho``, sign and length. The
+  synthesis model has no such component: when detected it is reported and corrected for, not made.
+* **Drift**: the per-row level of the dominant flat intensity class (drift moves it, pattern
+  mostly changes only how many pixels a row has of it), low-passed; its autocovariance is fitted
+  with the finite-image bias included (:func:`drift_fit`).
+* **Charging**: around each bright ridge (local maximum of the above-threshold excess), the image
+  ``k`` px after minus ``k`` px before; ridges on rising and falling steps are averaged with equal
+  weight so mirror-image steps cancel, and the model's causal tail is fitted (:func:`charging_fit`).
+* **Quantisation**: the grid of grey levels (step, black level, bit depth).
+
+What cannot be separated (fixed assumptions and switches, :class:`CalibrationConfig`):
+
+* dose, detector gain cv and the SE yields enter the variance only through ``a`` and ``y0 / dY``: only
+  ``1 / a`` ("effective counts per unit intensity") is identifiable. Higher moments could split cv from
+  dose in principle, but :mod:`semray.noise` replaces Poisson/gamma draws by normals above 20 counts
+  and the ADC/clipping distort skewness, so they are not used: dose is reported *given* the assumed
+  ``cv`` and yields. The synthesised noise is the same for any (dose, cv) pair with the same ``a``.
+* read noise vs the shot-noise intercept ``a * y0 / dY``: read noise depends on the assumed
+  ``y0 / dY``; where the shot intercept dominates ``b`` (low dose) read noise is not measurable
+  (at 200 e/px and read noise 0.01 its standard error exceeds its value).
+* row offset vs row gain (``fit_row_gain``, off): arrays of jittered features leak into the per-row
+  slope, so by default the offset stands for all per-row variation at the rows' typical intensity.
+* charging vs specimen asymmetry (``fit_charging``, off): the ridge estimator needs a specimen that
+  is mirror-symmetric along x; semray's own renderings are not (edge bands, shading), so a measured
+  tail only enters the config on request. Strength is relative to the assumed ``charging_threshold``.
+* row offsets vs a horizontal pattern and drift vs low-frequency pattern content are separated only
+  statistically (spectral clipping, class levels); horizontal gratings are flagged and left out, and
+  drift needs tall images (a 48-row correlation leaves 2-3 independent frequencies in 256 rows).
+
+Layout, one concern per module: :mod:`~semray.calibrate.variance` (flat patches, mean-variance fit,
+noise correlation), :mod:`~semray.calibrate.rows` (row offsets/gains, drift),
+:mod:`~semray.calibrate.jitter`, :mod:`~semray.calibrate.charging`, :mod:`~semray.calibrate.quantization`,
+:mod:`~semray.calibrate.result` (the result and the fitted NoiseConfig), :mod:`~semray.calibrate.figure`
+(real vs synthetic statistics) and :mod:`~semray.calibrate.driver` (:func:`calibrate` as a sequence of
+stages, :func:`run_calibration`); the settings are :class:`~semray.config.calibrate.CalibrationConfig`.
+"""
+
+from __future__ import annotations
+
+from semray.calibrate.charging import ChargingFit, charging_fit, charging_fit_images, ridge_sums, uncharge
+from semray.calibrate.common import Estimate
+from semray.calibrate.driver import calibrate, run_calibration
+from semray.calibrate.figure import (
+    NoiseStatistics,
+    calibration_figure,
+    noise_statistics,
+    pseudo_clean,
+    synthetic_lookalikes,
+)
+from semray.calibrate.jitter import jitter_estimate
+from semray.calibrate.quantization import quantization_grid
+from semray.calibrate.result import CalibrationResult, noise_config_from_estimates
+from semray.calibrate.rows import drift_fit, row_artifacts, row_level_profile, row_offsets, white_floor
+from semray.calibrate.variance import (
+    PatchStats,
+    fit_mean_variance,
+    flat_samples,
+    flatness,
+    noise_correlation,
+    patch_stats,
+)
+from semray.config.calibrate import CalibrationConfig
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationResult",
+    "ChargingFit",
+    "Estimate",
+    "NoiseStatistics",
+    "PatchStats",
+    "calibrate",
+    "calibration_figure",
+    "charging_fit",
+    "charging_fit_images",
+    "drift_fit",
+    "fit_mean_variance",
+    "flat_samples",
+    "flatness",
+    "jitter_estimate",
+    "noise_config_from_estimates",
+    "noise_correlation",
+    "noise_statistics",
+    "patch_stats",
+    "pseudo_clean",
+    "quantization_grid",
+    "ridge_sums",
+    "row_artifacts",
+    "row_level_profile",
+    "row_offsets",
+    "run_calibration",
+    "synthetic_lookalikes",
+    "uncharge",
+    "white_floor",
+]

@@ -1,0 +1,58 @@
+"""Small helpers shared by the calibration estimators: the :class:`Estimate` record, input checks,
+filter noise gains, patch tiling and the variance-to-sigma conversion."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One estimated quantity: value, standard error, and whether its signature was detected."""
+
+    value: float
+    stderr: float
+    detected: bool = True
+    note: str = ""
+
+
+def as_image(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim != 2 or min(a.shape) < 16:
+        raise ValueError(f"expected an (H, W) image with H, W >= 16, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+        raise ValueError("expected a finite float image in [0, 1]")
+    return a.astype(np.float64)
+
+
+def kernel_energy(sigma: float, derivative_axis: int | None, ndim: int) -> float:
+    """Sum of squared weights of (Gaussian blur [, then central difference]) — noise gain of the filter."""
+    n = int(8 * sigma) * 2 + 9
+    delta = np.zeros((n,) * ndim)
+    delta[(n // 2,) * ndim] = 1.0
+    k = gaussian_filter(delta, sigma, mode="constant")
+    if derivative_axis is not None:
+        k = np.gradient(k, axis=derivative_axis)
+    return float(np.sum(k * k))
+
+
+def blocks(a: np.ndarray, p: int) -> np.ndarray:
+    """``(H, W)`` -> ``(H // p, W // p, p, p)`` non-overlapping tiles (a view of the top-left crop)."""
+    hp, wp = a.shape[0] // p, a.shape[1] // p
+    return a[: hp * p, : wp * p].reshape(hp, p, wp, p).swapaxes(1, 2)
+
+
+def sigma_from_var(v: float, v_se: float, detect_sigma: float = 0.0) -> Estimate:
+    """A standard deviation from a (possibly negative) variance estimate; SE by the delta method."""
+    if not math.isfinite(v):
+        return Estimate(float("nan"), float("nan"), False, "not measurable")
+    sd = math.sqrt(max(v, 0.0))
+    # Delta method breaks down near 0: there the SE of sigma is about sqrt(SE of the variance).
+    se = v_se / (2 * sd) if sd > 0 and v > 2 * v_se else math.sqrt(max(v_se, 0.0))
+    return Estimate(sd, se, bool(v > detect_sigma * v_se))
