@@ -28,10 +28,21 @@ Signatures, and what each estimator assumes:
   of each row; jitter moves the whole row, line-edge roughness and noise do not, so the covariance of
   *different* segments' shifts is ``2 * jitter_px**2``. Jitter also makes row-to-row differences at
   x-gradients noisy; the variance fit corrects its y samples for it.
-* **Fast-axis noise correlation** (detector bandwidth): the lag-0 extrapolation of x-differences
-  measures ``sigma**2 (1 - rho) (3 - rho) / 3`` for correlation ``rho**k``; compared with the
-  y-direction variance (rows are milliseconds apart: white) it gives ``rho``, sign and length. The
-  synthesis model has no such component: when detected it is reported and corrected for, not made.
+* **Noise correlation** (detector bandwidth along x, between rows along y): modelled as a
+  variance-preserving AR(1) filter of the pixel noise along each axis (lag ``k``: ``corr**k``). In
+  flat patches each line is detrended (quadratic) and centred across lines, the lag 0-3 products are
+  pooled, and the exactly known bias of that projection is inverted (:mod:`~semray.calibrate.
+  correlation`; lag 1 decaying by a second factor, so a one-lag overshoot reads right too). The
+  variance fit is corrected for it; it is written as ``NoiseConfig.bandwidth`` where the noise model
+  has that component (positive correlations), otherwise only recorded in the JSON.
+* **Censoring / the ADC window**: near black or white the noise is clipped at the window's ends
+  (pixels pile up on the end values; :func:`~semray.calibrate.quantization.censor_levels` finds them
+  where visible, assuming one window for all images and that a saturated pixel reads exactly the end
+  value). Flat patches there are not dropped: the mean-variance fit uses the censored model
+  (:mod:`~semray.calibrate.censored`): the clipped mean, variance and censored fractions of the
+  assumed noise shape, matched per patch, so calibration works from 1 to 1000 e-/px. When the
+  fractions disagree with that shape (a real detector), the variances alone are fitted, with a
+  warning. A window end no signal reaches is not identifiable and is reported as not seen.
 * **Drift**: the per-row level of the dominant flat intensity class (drift moves it, pattern
   mostly changes only how many pixels a row has of it), low-passed; its autocovariance is fitted
   with the finite-image bias included (:func:`drift_fit`).
@@ -49,7 +60,9 @@ What cannot be separated (fixed assumptions and switches, :class:`CalibrationCon
   ``cv`` and yields. The synthesised noise is the same for any (dose, cv) pair with the same ``a``.
 * read noise vs the shot-noise intercept ``a * y0 / dY``: read noise depends on the assumed
   ``y0 / dY``; where the shot intercept dominates ``b`` (low dose) read noise is not measurable
-  (at 200 e/px and read noise 0.01 its standard error exceeds its value).
+  (at 200 e/px and read noise 0.01 its standard error exceeds its value). Below ~32 e/px, where the
+  censored fit carries the variance, ``b`` and so the read noise came out biased high (0.06-0.12 for
+  a true 0.03 at 2-8 e/px on semray's images): do not trust a read noise measured there.
 * row offset vs row gain (``fit_row_gain``, off): arrays of jittered features leak into the per-row
   slope, so by default the offset stands for all per-row variation at the rows' typical intensity.
 * charging vs specimen asymmetry (``fit_charging``, off): the ridge estimator needs a specimen that
@@ -59,26 +72,37 @@ What cannot be separated (fixed assumptions and switches, :class:`CalibrationCon
   statistically (spectral clipping, class levels); horizontal gratings are flagged and left out, and
   drift needs tall images (a 48-row correlation leaves 2-3 independent frequencies in 256 rows).
 
-Layout, one concern per module: :mod:`~semray.calibrate.variance` (flat patches, mean-variance fit,
-noise correlation), :mod:`~semray.calibrate.rows` (row offsets/gains, drift),
-:mod:`~semray.calibrate.jitter`, :mod:`~semray.calibrate.charging`, :mod:`~semray.calibrate.quantization`,
-:mod:`~semray.calibrate.result` (the result and the fitted NoiseConfig), :mod:`~semray.calibrate.figure`
-(real vs synthetic statistics) and :mod:`~semray.calibrate.driver` (:func:`calibrate` as a sequence of
-stages, :func:`run_calibration`); the settings are :class:`~semray.config.calibrate.CalibrationConfig`.
+Closure (:mod:`~semray.calibrate.closure`, run by :func:`run_calibration`): images synthesised from the
+fit on a denoised copy of the real ones are measured like the real ones (variance per intensity bin,
+noise autocorrelation at lags 1-3 along x and y, row-mean spectrum, censored fractions); the residuals
+go into the JSON and the figure.
+
+Layout, one concern per module: :mod:`~semray.calibrate.variance` (flat patches, the plain
+mean-variance fit, dose and read noise), :mod:`~semray.calibrate.censored`,
+:mod:`~semray.calibrate.correlation`, :mod:`~semray.calibrate.rows` (row offsets/gains, drift),
+:mod:`~semray.calibrate.jitter`, :mod:`~semray.calibrate.charging`, :mod:`~semray.calibrate.quantization`
+(grey-level grid, ADC window), :mod:`~semray.calibrate.result` (the result and the fitted NoiseConfig),
+:mod:`~semray.calibrate.closure` (real vs synthetic statistics), :mod:`~semray.calibrate.figure` and
+:mod:`~semray.calibrate.driver` (:func:`calibrate` as a sequence of stages, :func:`run_calibration`);
+the settings are :class:`~semray.config.calibrate.CalibrationConfig`.
 """
 
 from __future__ import annotations
 
+from semray.calibrate.censored import CensoredModel, censored_moments, fit_censored
 from semray.calibrate.charging import ChargingFit, charging_fit, charging_fit_images, ridge_sums, uncharge
-from semray.calibrate.common import Estimate
-from semray.calibrate.driver import calibrate, run_calibration
-from semray.calibrate.figure import (
+from semray.calibrate.closure import (
     NoiseStatistics,
-    calibration_figure,
+    closure,
+    closure_residuals,
     noise_statistics,
     pseudo_clean,
     synthetic_lookalikes,
 )
+from semray.calibrate.common import Estimate
+from semray.calibrate.correlation import lag_correlation, patch_lag_sums
+from semray.calibrate.driver import calibrate, run_calibration
+from semray.calibrate.figure import calibration_figure
 from semray.calibrate.jitter import jitter_estimate
 from semray.calibrate.quantization import quantization_grid
 from semray.calibrate.result import CalibrationResult, noise_config_from_estimates
@@ -88,7 +112,6 @@ from semray.calibrate.variance import (
     fit_mean_variance,
     flat_samples,
     flatness,
-    noise_correlation,
     patch_stats,
 )
 from semray.config.calibrate import CalibrationConfig
@@ -96,22 +119,28 @@ from semray.config.calibrate import CalibrationConfig
 __all__ = [
     "CalibrationConfig",
     "CalibrationResult",
+    "CensoredModel",
     "ChargingFit",
     "Estimate",
     "NoiseStatistics",
     "PatchStats",
     "calibrate",
     "calibration_figure",
+    "censored_moments",
     "charging_fit",
     "charging_fit_images",
+    "closure",
+    "closure_residuals",
     "drift_fit",
+    "fit_censored",
     "fit_mean_variance",
     "flat_samples",
     "flatness",
     "jitter_estimate",
+    "lag_correlation",
     "noise_config_from_estimates",
-    "noise_correlation",
     "noise_statistics",
+    "patch_lag_sums",
     "patch_stats",
     "pseudo_clean",
     "quantization_grid",

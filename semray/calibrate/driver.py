@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from semray.calibrate.censored import CensoredModel, fit_censored
 from semray.calibrate.charging import ChargingFit, charging_fit, charging_fit_images
+from semray.calibrate.closure import closure
 from semray.calibrate.common import Estimate, as_image
-from semray.calibrate.figure import calibration_figure, noise_statistics, synthetic_lookalikes
+from semray.calibrate.correlation import lag_correlation, patch_lag_sums
+from semray.calibrate.figure import calibration_figure
 from semray.calibrate.jitter import jitter_estimate, jitter_from_products
-from semray.calibrate.quantization import adc_estimates, common_grid
+from semray.calibrate.quantization import adc_estimates, censor_levels, common_grid
 from semray.calibrate.result import CalibrationResult, noise_config_from_estimates
 from semray.calibrate.rows import anisotropy, drift_estimates, row_artifacts, row_sigmas
 from semray.calibrate.variance import (
@@ -28,13 +31,13 @@ from semray.calibrate.variance import (
     corrected_variance,
     fit_mean_variance,
     flat_samples,
-    noise_correlation,
+    flatness,
     patch_stats,
     physical_estimates,
-    two_pass_mean_variance,
 )
 from semray.config.base import dump_yaml
 from semray.config.calibrate import CalibrationConfig
+from semray.config.noise import NoiseConfig
 
 Stage = Callable[["_Run"], tuple[dict[str, Estimate], list[str]]]
 
@@ -47,9 +50,10 @@ class _Run:
     """What the stages of one calibration hand on to the next (filled in stage order).
 
     ``est``: estimates so far; ``grid``: the grey-level grid ``(step, black)``; ``q2``: its variance
-    ``step**2 / 12``; ``samples``: flat-patch variance samples (:class:`VarianceSamples`) and
+    ``step**2 / 12``; ``window``: the ADC window's ends where censoring is seen (else infinite);
+    ``patches``/``lag_sums``: per-patch statistics and lag products; ``samples``: flat-patch variance samples (:class:`VarianceSamples`) and
     ``image_of_patch`` the image index of each patch; ``noise0``/``noise``: the first-pass and the final
-    ``(a, b)`` of ``var = a * I + b``; ``prods``: per-image jitter products; ``rows_from``: images used
+    ``(a, b)`` of ``var = a * I + b`` before clipping, ``model`` the fitted censored model; ``prods``: per-image jitter products; ``rows_from``: images used
     for row artefacts and drift; ``per_image``: per concern, one dict of values per image.
     """
 
@@ -58,10 +62,14 @@ class _Run:
     est: dict[str, Estimate] = field(default_factory=dict)
     grid: tuple[float, float] | None = None
     q2: float = 0.0
+    window: tuple[float, float] = (-math.inf, math.inf)
+    patches: PatchStats | None = None
+    lag_sums: np.ndarray = field(default_factory=lambda: np.empty((0, 2, 2, 4)))
     samples: VarianceSamples | None = None
     image_of_patch: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     noise0: tuple[float, float] = (0.0, 0.0)
     noise: tuple[float, float] = (0.0, 0.0)
+    model: CensoredModel | None = None
     prods: list[np.ndarray] = field(default_factory=list)
     rows_from: list[int] = field(default_factory=list)
     charging: ChargingFit | None = None
@@ -71,6 +79,11 @@ class _Run:
         if self.samples is None:
             raise RuntimeError("the flat-patch stage has not run")
         return self.samples
+
+    def censored(self) -> CensoredModel:
+        if self.model is None:
+            raise RuntimeError("the variance stage has not run")
+        return self.model
 
     def merged_per_image(self) -> list[dict[str, float]]:
         empty: list[dict[str, float]] = [{} for _ in self.imgs]
@@ -86,13 +99,21 @@ def _grey_grid(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     return {}, warnings
 
 
+def _window(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
+    """The ADC window's ends where pixels pile up (the censored model clips there)."""
+    est, run.window = censor_levels(run.imgs)
+    return est, []
+
+
 def _flat_patches(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     """Flat-patch samples in two passes: pass 1 judges flatness against each patch's own (structure-
     inflated) variance, only to get a noise model for the absolute test of pass 2."""
     cfg = run.cfg
-    patches = [patch_stats(z, cfg.patch_px) for z in run.imgs]
+    patches = [patch_stats(z, cfg.patch_px, run.window) for z in run.imgs]
     run.image_of_patch = np.concatenate([np.full(p.mean.size, i) for i, p in enumerate(patches)])
     ps = PatchStats.concat(patches)
+    run.patches = ps
+    run.lag_sums = np.concatenate([patch_lag_sums(z, cfg.patch_px) for z in run.imgs])
     first = flat_samples(ps, cfg.flat_ratio_max)
     a0, b0, _, _ = fit_mean_variance(first.mean, first.var0)
     run.noise0 = (a0, b0)
@@ -100,30 +121,43 @@ def _flat_patches(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     return {}, []
 
 
+def _correlation_sums(run: _Run, direction: int) -> np.ndarray:
+    """Lag sums ``(m, K + 1)`` of the (patch, parity) lines along ``direction`` whose other parity is
+    flat under the pass-1 noise model; only patches 3 noise sigmas inside the window when there are
+    100 or more (clipping lowers the correlation)."""
+    ps, (a0, b0) = run.patches, run.noise0
+    assert ps is not None
+    flat = flatness(ps, (a0, b0))[:, direction] <= run.cfg.flat_ratio_max  # (n, parity)
+    sd = np.sqrt(np.maximum(a0 * ps.mean + b0, 0.0))
+    inside = ((ps.mean - 3 * sd > run.window[0]) & (ps.mean + 3 * sd < run.window[1]))[:, None] & flat
+    sel = inside if inside.sum() >= 100 else flat
+    return run.lag_sums[:, direction][sel]
+
+
 def _noise_correlation(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
-    """Lag-1 noise correlation along x, then y (measured against x samples corrected for x's); first,
-    because the variance fit corrects for it when present."""
-    cfg, samples = run.cfg, run.flat()
+    """Lag-1 AR(1) noise correlation along x and y (:mod:`semray.calibrate.correlation`); first, because
+    the variance fit corrects for it when present."""
+    cfg = run.cfg
     est: dict[str, Estimate] = {}
-    warnings: list[str] = []
     for name, direction, axis in (("fast_axis_noise_corr", 0, "x"), ("slow_axis_noise_corr", 1, "y")):
-        var_in = (
-            None if direction == 0 else corrected_variance(samples, est["fast_axis_noise_corr"], cfg.patch_px)
-        )
-        rho, se = noise_correlation(samples, direction, var_in)
+        rho, se = lag_correlation(_correlation_sums(run, direction), cfg.patch_px)
         detected = bool(math.isfinite(rho) and abs(rho) > max(cfg.detect_sigma * se, cfg.min_noise_corr))
-        note = f"lag-1 noise correlation along {axis}" if math.isfinite(rho) else "too few flat samples"
+        note = (
+            f"lag-1 noise correlation along {axis} (AR(1))" if math.isfinite(rho) else "too few flat patches"
+        )
         est[name] = Estimate(rho, se, detected, note)
-    rx = est["fast_axis_noise_corr"]
+    rx, ry = est["fast_axis_noise_corr"], est["slow_axis_noise_corr"]
     if rx.detected and 0 < rx.value < 1:
         length = -1.0 / math.log(rx.value)
         est["fast_axis_corr_length_px"] = Estimate(length, rx.stderr / (rx.value * math.log(rx.value) ** 2))
-        warnings.append(
-            f"noise is correlated along x (lag-1 {rx.value:.3f}): detector bandwidth, which semray.noise "
-            "cannot synthesise; the variance was corrected for it"
-        )
-    if est["slow_axis_noise_corr"].detected:
-        warnings.append("noise correlated along y (between rows) was detected; the model assumes none")
+    can = "bandwidth" in NoiseConfig.model_fields
+    warnings = [
+        f"noise is correlated along {axis} (lag-1 {e.value:.3f}): "
+        + ("written to NoiseConfig.bandwidth" if can and e.value > 0 else
+           "recorded in the JSON; this semray.noise cannot synthesise it")
+        + "; the variance was corrected for it"
+        for axis, e in (("x", rx), ("y (between rows)", ry)) if e.detected
+    ]  # fmt: skip
     return est, warnings
 
 
@@ -139,24 +173,88 @@ def _jitter(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
 
 
 def _per_image_variance(
-    s: VarianceSamples, var: np.ndarray, sel: np.ndarray, q2: float, cfg: CalibrationConfig
+    s: VarianceSamples,
+    var: np.ndarray,
+    sel: np.ndarray,
+    model: CensoredModel,
+    q2: float,
+    cfg: CalibrationConfig,
 ) -> dict[str, float]:
     """The main variance-derived values of one image's samples ``sel`` (empty when they cannot be fitted)."""
     try:
-        ai, bi, ci, _ = fit_mean_variance(s.mean[sel], var[sel])
-        phys = physical_estimates(ai, bi, ci, q2, cfg)
+        x = (s.mean[sel], var[sel], s.f_lo[sel], s.f_hi[sel])
+        fit, _ = fit_censored(x, (model.a, model.b), (model.lo, model.hi), (model.y0_over_dy, model.cv),
+                              cfg.patch_px**2 // 2)  # fmt: skip
+        phys = physical_estimates(fit.a, fit.b, fit.cov, q2, cfg)
     except (ValueError, np.linalg.LinAlgError):
         return {}
     return {k: phys[k].value for k in ("poisson_a", "poisson_b", "dose_e_per_px", "read_noise_sigma")}
 
 
+def _censored_fit(
+    run: _Run, s: VarianceSamples, var: np.ndarray
+) -> tuple[CensoredModel, np.ndarray, list[str]]:
+    """The censored mean-variance fit, started from the plain line through the same samples.
+
+    Variances and censored fractions together; when the variances then miss the model by more than
+    5 % on average (the censored fractions disagree with the assumed noise shape: a real detector
+    is not semray's Poisson-gamma), the variances alone, with a warning."""
+    cfg = run.cfg
+    dy = cfg.assumed_se_yield_max - cfg.assumed_se_yield_min
+    try:
+        a, b, _, _ = fit_mean_variance(s.mean, var)
+    except (ValueError, np.linalg.LinAlgError):
+        a, b = run.noise0
+    start = (a, b) if a > 0 and b > 0 else run.noise0
+    shape = (cfg.assumed_se_yield_min / dy, cfg.assumed_detector_gain_cv)
+    x = (s.mean, var, s.f_lo, s.f_hi)
+    npix = cfg.patch_px**2 // 2
+    model, used = fit_censored(x, start, run.window, shape, npix)
+    off = float(np.mean(var[used] / np.maximum(model.variance_of(s.mean[used]), 1e-12) - 1.0))
+    warnings = []
+    if abs(off) > 0.1:
+        model, used = fit_censored(x, (model.a, model.b), run.window, shape, npix, use_fractions=False)
+        warnings.append(
+            f"the censored fractions disagree with the assumed noise shape (variances {100 * off:+.0f} % off "
+            "the joint fit); fitted on the variances alone"
+        )
+    cov = _jackknife_cov(x, s.patch, model, npix, use_fractions=not warnings)
+    return replace(model, cov=cov), used, warnings
+
+
+def _jackknife_cov(
+    x: tuple[np.ndarray, ...],
+    patch: np.ndarray,
+    model: CensoredModel,
+    npix: int,
+    use_fractions: bool,
+    groups: int = 8,
+) -> np.ndarray:
+    """Covariance of ``(a, b)`` by a jackknife over ``groups`` interleaved groups of patches: samples of
+    one patch (both directions and parities share its pixels) and of neighbouring patches are not
+    independent, which the fit's own Gauss-Newton covariance assumes (it came out 10-100x too small)."""
+    g = patch % groups
+    loo = []
+    for k in range(groups):
+        sel = g != k
+        try:
+            fit, _ = fit_censored(tuple(v[sel] for v in x), (model.a, model.b), (model.lo, model.hi),
+                                  (model.y0_over_dy, model.cv), npix, use_fractions, n_iter=2)  # fmt: skip
+        except (ValueError, np.linalg.LinAlgError):
+            return model.cov
+        loo.append((fit.a, fit.b))
+    d = np.array(loo) - np.mean(loo, axis=0)
+    return (groups - 1) / groups * d.T @ d
+
+
 def _variance(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
-    """The Poisson-Gaussian fit ``var = a * I + b`` on samples corrected for noise correlation and jitter,
-    mapped to dose and read noise."""
+    """The Poisson-Gaussian fit ``var = a * I + b`` (censored at the window's ends) on samples corrected
+    for noise correlation and jitter, mapped to dose and read noise."""
     cfg, s = run.cfg, run.flat()
     jit = run.est["line_jitter_px"]
     jitter = jit.value if jit.detected else 0.0
-    var = corrected_variance(s, run.est["fast_axis_noise_corr"], cfg.patch_px, jitter)
+    rx, ry = run.est["fast_axis_noise_corr"], run.est["slow_axis_noise_corr"]
+    var = corrected_variance(s, rx, ry, cfg.patch_px, jitter)
     # The correction undershoots at sharp edges (the blurred gradient is smaller than the true one), so
     # y samples where jitter would add more than 2 % of the noise are left out as well.
     a0, b0 = run.noise0
@@ -164,15 +262,29 @@ def _variance(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     keep = (s.direction == 0) | (share <= 0.02)
     s = VarianceSamples(*(getattr(s, f)[keep] for f in VarianceSamples.__dataclass_fields__))
     var = var[keep]
-    a, b, cov, used = two_pass_mean_variance(s, var)
-    run.noise = (a, b)
-    est = physical_estimates(a, b, cov, run.q2, cfg)
+    model, used, warnings = _censored_fit(run, s, var)
+    run.model, run.noise = model, (model.a, model.b)
+    est = physical_estimates(model.a, model.b, model.cov, run.q2, cfg)
     est["flat_samples_used"] = Estimate(float(used.sum()), 0.0, True, f"of {2 * run.image_of_patch.size}")
+    near = float(np.mean(model.slope_of(s.mean[used]) < 0.9))
+    est["censored_sample_share"] = Estimate(
+        near, 0.0, near > 0, "flat samples whose mean shows < 90 % of a shift"
+    )
     sample_image = run.image_of_patch[s.patch]
     run.per_image["variance"] = [
-        _per_image_variance(s, var, used & (sample_image == i), run.q2, cfg) for i in range(len(run.imgs))
+        _per_image_variance(s, var, used & (sample_image == i), model, run.q2, cfg)
+        for i in range(len(run.imgs))
     ]
-    return est, []
+    if near > 0.1:
+        warnings.append(
+            f"{100 * near:.0f} % of the flat samples lie near the window's ends (censored); they were fitted "
+            "with the censored model, and the error bars are correspondingly wider"
+        )
+    if used.sum() < 50:
+        warnings.append(
+            f"only {int(used.sum())} flat samples: the variance fit is rough (see its error bars)"
+        )
+    return est, warnings
 
 
 def _rows(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
@@ -189,8 +301,7 @@ def _rows(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
             + ("left out of" if len(run.rows_from) < n else "unreliable for")
             + " row offset/gain and drift estimates"
         )
-    a, b = run.noise
-    row_stats = [row_artifacts(run.imgs[i], a, b) for i in run.rows_from]
+    row_stats = [row_artifacts(run.imgs[i], run.censored()) for i in run.rows_from]
     offset, gain = row_sigmas(row_stats, cfg.detect_sigma, cfg.fit_row_gain)
     parts: list[dict[str, float]] = [{} for _ in run.imgs]
     for i, rs in zip(run.rows_from, row_stats, strict=True):
@@ -202,9 +313,8 @@ def _rows(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
 
 def _drift(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     """Slow drift of the row level, net of the white per-row terms (offset, gain, pixel noise)."""
-    a, b = run.noise
     offset, gain = run.est["scan_line_offset_sigma"], run.est["scan_line_gain_sigma"]
-    return drift_estimates(run.imgs, run.rows_from, offset, gain, a, b, run.cfg), []
+    return drift_estimates(run.imgs, run.rows_from, offset, gain, run.censored().variance_of, run.cfg), []
 
 
 def _charging(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
@@ -246,6 +356,7 @@ def _adc_levels(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
 
 STAGES: tuple[Stage, ...] = (
     _grey_grid,
+    _window,
     _flat_patches,
     _noise_correlation,
     _jitter,
@@ -286,7 +397,33 @@ def calibrate(images: Sequence[np.ndarray], cfg: CalibrationConfig | None = None
         "charging_threshold": cfg.charging_threshold,
     }
     noise_cfg = noise_config_from_estimates(run.est, cfg)
-    return CalibrationResult(run.est, noise_cfg, assumptions, run.merged_per_image(), warnings, run.charging)
+    per_image = run.merged_per_image()
+    return CalibrationResult(
+        run.est, noise_cfg, assumptions, per_image, warnings, run.charging, model=run.model
+    )
+
+
+def _read_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[np.ndarray], list[str]]:
+    """Every page of every image under ``inputs``: ``(files, images, one label per image)``; a clear
+    error naming the file for a page that holds nothing to fit (constant, or under 16 x 16)."""
+    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images
+
+    paths = [p for src in inputs for p in list_images(src)]
+    if not paths:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {[str(s) for s in inputs]}")
+    images, labels = [], []
+    for p in paths:
+        for k, (z, _) in enumerate(iter_pages(p)):  # every page of a multipage TIFF
+            where = f"{p}" if k == 0 else f"{p} (page {k})"
+            if z.ndim != 2 or min(z.shape) < 16:
+                raise ValueError(
+                    f"{where}: image of shape {z.shape} is too small to calibrate (need >= 16 x 16)"
+                )
+            if float(np.ptp(z)) == 0.0:
+                raise ValueError(f"{where}: the image is constant (one grey level): nothing to calibrate")
+            images.append(z)
+            labels.append(where)
+    return paths, images, labels
 
 
 def run_calibration(
@@ -296,28 +433,23 @@ def run_calibration(
     json_path: str | Path | None = None,
     figure_path: str | Path | None = None,
 ) -> CalibrationResult:
-    """Read images (files or folders), calibrate, write the NoiseConfig YAML, the JSON and the figure.
+    """Read images (files or folders), calibrate, check closure on the first four (synthesise look-alikes
+    from the fit and compare, :mod:`semray.calibrate.closure`), write the NoiseConfig YAML, the JSON
+    (estimates, closure residuals) and the figure.
 
     ``json_path``/``figure_path`` default to ``out_yaml`` with ``.json``/``.png`` suffixes.
     """
-    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images
-
     cfg = cfg or CalibrationConfig()
-    paths = [p for src in inputs for p in list_images(src)]
-    if not paths:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {[str(s) for s in inputs]}")
-    images = [image for p in paths for image, _ in iter_pages(p)]  # every page of a multipage TIFF
+    paths, images, labels = _read_images(inputs)
     result = calibrate(images, cfg)
+    shown = images[:4]
+    real_stats, synth_stats, synth, result.closure = closure(shown, result, cfg)
+    result.closure["images"] = labels[:4]
     out_yaml = Path(out_yaml)
     out_yaml.parent.mkdir(parents=True, exist_ok=True)
     out_yaml.write_text(dump_yaml(result.noise_config))
     payload = result.to_json() | {"images": [str(p) for p in paths]}
     Path(json_path or out_yaml.with_suffix(".json")).write_text(json.dumps(payload, indent=2))
-    shown = images[:4]
-    synth = synthetic_lookalikes(shown, result, cfg.n_synthetic, cfg.seed)
-    model = (result.estimates["poisson_a"].value, result.estimates["poisson_b"].value)
-    real_stats = noise_statistics(shown, cfg, model=model)
-    synth_stats = noise_statistics(synth, cfg, real_stats.mv_edges, model)
     calibration_figure(
         real_stats, synth_stats, result, figure_path or out_yaml.with_suffix(".png"), shown[0], synth[0]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
@@ -46,10 +47,13 @@ def jitter_estimate(img: np.ndarray, a: float, b: float, segments: int = 4) -> n
     valid = (var_s < 0.25) & (atten > 0.5)
     shift = np.where(valid, shift / np.where(valid, atten, 1.0), np.nan)
     # Clip wild shifts (a horizontal edge crossing the pair) per segment, then centre per segment.
-    med = np.nanmedian(shift, axis=0)
-    mad = MAD_TO_SIGMA * np.nanmedian(np.abs(shift - med), axis=0)
-    shift = np.where(np.abs(shift - med) <= 5 * np.maximum(mad, 1e-6), shift, np.nan)
-    shift = shift - np.nanmean(shift, axis=0)
+    # A segment without edges in any row (flat or clipped images) is all NaN: it simply drops out.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(shift, axis=0)
+        mad = MAD_TO_SIGMA * np.nanmedian(np.abs(shift - med), axis=0)
+        shift = np.where(np.abs(shift - med) <= 5 * np.maximum(mad, 1e-6), shift, np.nan)
+        shift = shift - np.nanmean(shift, axis=0)
     iu, ju = np.triu_indices(k, 1)
     prods = shift[:, iu] * shift[:, ju]
     n_pairs = np.sum(np.isfinite(prods), axis=1)

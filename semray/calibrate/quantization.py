@@ -1,7 +1,9 @@
-"""Quantisation: the grid of grey levels (step, black level, bit depth) of the ADC."""
+"""Quantisation and the ADC window: the grid of grey levels (step, black level, bit depth) and the levels
+where saturated pixels pile up (censoring)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,3 +74,37 @@ def adc_estimates(grid: tuple[float, float] | None) -> tuple[dict[str, Estimate]
     if not grid:
         est["quant_step"] = Estimate(0.0, 0.0, False, "no grey-level grid (continuous data)")
     return est, warnings
+
+
+def _pile_up(values: np.ndarray, level: float, next_level: float) -> tuple[float, bool]:
+    """Fraction of ``values`` at ``level`` and whether they pile up there: at least 10 pixels (and 1e-4
+    of all) and more than twice as many as at the next grey level inward (a density's own tail thins
+    towards its end; clipping piles the whole tail onto the last level)."""
+    at = int(np.count_nonzero(values == level))
+    nxt = int(np.count_nonzero(values == next_level))
+    return at / values.size, bool(at >= max(10, 1e-4 * values.size) and at > 2 * nxt)
+
+
+def censor_levels(imgs: Sequence[np.ndarray]) -> tuple[dict[str, Estimate], tuple[float, float]]:
+    """The ADC window's ends where censoring is visible: estimates and ``(lo, hi)`` for the censored
+    model (``-inf``/``inf`` where no pile-up is seen, i.e. nothing reaches that end).
+
+    Assumes the images share one window (one tool setting) and that a saturated pixel reads exactly
+    the end value (what an ADC, and :mod:`semray.noise`'s clipping, do). Censored fractions are over
+    all pixels of all images.
+    """
+    z = np.concatenate([np.ravel(i) for i in imgs])
+    levels = np.unique(z)
+    if levels.size < 2:
+        raise ValueError("the images hold a single grey level: nothing to calibrate")
+    f_lo, lo_seen = _pile_up(z, float(levels[0]), float(levels[1]))
+    f_hi, hi_seen = _pile_up(z, float(levels[-1]), float(levels[-2]))
+    note = "level where pixels pile up (censoring), image intensity units"
+    est = {
+        "adc_window_low": Estimate(float(levels[0]), 0.0, lo_seen, note if lo_seen else "no pile-up seen"),
+        "adc_window_high": Estimate(float(levels[-1]), 0.0, hi_seen, note if hi_seen else "no pile-up seen"),
+        "censored_fraction_low": Estimate(f_lo, math.sqrt(f_lo * (1 - f_lo) / z.size), lo_seen),
+        "censored_fraction_high": Estimate(f_hi, math.sqrt(f_hi * (1 - f_hi) / z.size), hi_seen),
+    }
+    window = (float(levels[0]) if lo_seen else -math.inf, float(levels[-1]) if hi_seen else math.inf)
+    return est, window

@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
+from semray.calibrate.censored import CensoredModel
 from semray.calibrate.common import Estimate, as_image, kernel_energy, sigma_from_var
+from semray.calibrate.variance import NoiseVariance, noise_variance
 from semray.config.calibrate import CalibrationConfig
 
 
@@ -45,7 +47,9 @@ class RowStats:
     sxx: np.ndarray
 
 
-def row_artifacts(img: np.ndarray, a: float, b: float, curvature_sigmas: float = 3.0) -> RowStats:
+def row_artifacts(
+    img: np.ndarray, noise: NoiseVariance | CensoredModel, curvature_sigmas: float = 3.0
+) -> RowStats:
     """Per-row offset/gain differences from ``e[y] = z[y] - (z[y-1] + z[y+1]) / 2``.
 
     ``e`` cancels pattern that is locally linear in y and slow drift; in a row ``e = do + dg * S`` with
@@ -53,13 +57,17 @@ def row_artifacts(img: np.ndarray, a: float, b: float, curvature_sigmas: float =
     regressor ``S`` comes from rows ``y +- 2`` (blurred along x) so its noise is independent of ``e``'s.
     Pixels where ``e`` (smoothed along x) departs from the row's median by more than
     ``curvature_sigmas`` noise sigmas (pattern curving in y, jittered edges) are left out.
-    ``a``, ``b``: the pixel noise variance ``a * I + b`` (from :func:`fit_mean_variance`).
+    ``noise``: the pixel noise variance, ``(a, b)`` of ``a * I + b`` or a function of the local mean;
+    with a :class:`~semray.calibrate.censored.CensoredModel` also the share ``dM/dI`` of an offset that
+    clipped pixels show: the offset is then the regression of ``e`` on that share (near black or white
+    a row offset moves the clipped mean less than the offset).
     """
     z = as_image(img)
     w = z.shape[1]
     e = (z[1:-1] - 0.5 * (z[:-2] + z[2:]))[1:-1]  # rows 2 .. h-3
     s = gaussian_filter1d(0.5 * (z[:-4] + z[4:]), 1.0, axis=1, mode="nearest")
-    nu = 1.5 * np.maximum(a * s + b, 1e-12)
+    censored = isinstance(noise, CensoredModel)
+    nu = 1.5 * np.maximum(noise_variance(noise.variance_of if censored else noise, s), 1e-12)
     ge = gaussian_filter1d(e, 2.0, axis=1, mode="nearest")
     dev = np.abs(ge - np.median(ge, axis=1, keepdims=True))
     wgt = (dev <= curvature_sigmas * np.sqrt(nu * kernel_energy(2.0, None, 1))).astype(np.float64)
@@ -73,9 +81,15 @@ def row_artifacts(img: np.ndarray, a: float, b: float, curvature_sigmas: float =
     sxx = np.sum(wgt * ds * ds, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         beta = np.sum(wgt * ds * e, axis=1) / sxx
-        alpha_c = np.sum(wgt * e, axis=1) / n
         var_beta = np.sum(wgt * ds * ds * nu, axis=1) / sxx**2
-        var_alpha_c = np.sum(wgt * nu, axis=1) / n**2
+        if censored:
+            sl = noise.slope_of(s)
+            s2 = np.where(ok, np.sum(wgt * sl * sl, axis=1), np.nan)
+            alpha_c = np.sum(wgt * sl * e, axis=1) / s2
+            var_alpha_c = np.sum(wgt * sl * sl * nu, axis=1) / s2**2
+        else:
+            alpha_c = np.sum(wgt * e, axis=1) / n
+            var_alpha_c = np.sum(wgt * nu, axis=1) / n**2
     return RowStats(alpha_c, beta, var_alpha_c, var_beta, sm, sxx)
 
 
@@ -267,8 +281,7 @@ def drift_estimates(
     rows_from: Sequence[int],
     offset: Estimate,
     gain: Estimate,
-    a: float,
-    b: float,
+    noise: NoiseVariance,
     cfg: CalibrationConfig,
 ) -> dict[str, Estimate]:
     """Pooled drift estimates: amplitude/correlation averaged, detection on the summed excess."""
@@ -278,7 +291,7 @@ def drift_estimates(
         if np.isfinite(prof).sum() < imgs[i].shape[0] // 2:
             continue
         level = float(np.nanmean(imgs[i]))
-        pix = float(a * level + b) / max(float(np.median(n)), 1.0)
+        pix = float(noise_variance(noise, np.array([level]))[0]) / max(float(np.median(n)), 1.0)
         white = max(offset.value, 0.0) ** 2 + max(gain.value, 0.0) ** 2 * level**2 + pix
         fits.append(drift_fit(prof, white, min(cfg.drift_lowpass_rows, imgs[i].shape[0] / 8)))
     if not fits:
