@@ -142,7 +142,9 @@ def noise_config_from_estimates(est: dict[str, Estimate], cfg: CalibrationConfig
         data["charging"]["charging_strength"] = _range(s, 0.0, 5.0, cfg)
         data["charging"]["charging_decay_px"] = _range(tau, 0.1, 10_000.0, cfg)
     if "bandwidth" in NoiseConfig.model_fields:
-        data["bandwidth"] = _bandwidth(est["fast_axis_noise_corr"], est["slow_axis_noise_corr"], cfg)
+        none = Estimate(0.0, 0.0, False, "not measured")
+        rx, ry = est.get("fast_axis_noise_corr", none), est.get("slow_axis_noise_corr", none)
+        data["bandwidth"] = _bandwidth(rx, ry, cfg)
     if est["quant_step"].detected:
         data["quantization"] = {
             "enabled": True,
