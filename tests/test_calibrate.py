@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 from scipy.signal import lfilter
@@ -252,6 +252,11 @@ def test_fit_mean_variance_recovers_line_and_ignores_outliers() -> None:
     seed=st.integers(0, 2**16),
 )
 def test_uncharge_inverts_charging(strength: float, decay: float, threshold: float, seed: int) -> None:
+    # Above threshold the inverse recursion multiplies an error by a - strength * (1 - a) per column
+    # (a = exp(-1/decay)): beyond |.| = 1 it is unstable and float32 rounding of the input grows without
+    # bound (strength 2, decay 0.5: x1.59 per column), so exact inversion is only testable inside.
+    a = np.exp(-1.0 / decay)
+    assume(abs(a - strength * (1.0 - a)) < 0.95)
     clean = np.random.default_rng(seed).random((8, 40)).astype(np.float32)
     charged = charging(clean, strength, decay, threshold)
     np.testing.assert_allclose(uncharge(charged, strength, decay, threshold), clean, atol=1e-4)

@@ -210,6 +210,9 @@ def uncharge(img: np.ndarray, strength: float, decay_px: float, threshold: float
 
     The charge at ``x`` depends only on pixels before ``x``, so the clean row is recovered column by
     column (a loop over columns, vectorised over rows). float (H, W) in, float32 (H, W) out.
+    Above threshold an error in ``img`` is multiplied by ``a - strength * (1 - a)`` per column
+    (``a = exp(-1 / decay_px)``): where that exceeds 1 in magnitude the inversion is exact only in exact
+    arithmetic and amplifies noise and rounding along the row.
     """
     z = np.asarray(img, dtype=np.float64)
     a = math.exp(-1.0 / decay_px)
