@@ -10,7 +10,7 @@ either way:
 * **Layout.** Grey saved as RGB/RGBA or with a grey palette comes back in that layout
   (:mod:`semray.greyscale`); true colour fails with a reason that says so.
 * **Data bar.** ``keep_bottom_rows="auto"`` finds the burned-in bar of each page with
-  :func:`semray.ingest.detect_data_bar` (the detector ``semray ingest`` uses); an int keeps that many
+  :func:`semray.databar.detect_data_bar` (the detector ``semray ingest`` uses); an int keeps that many
   rows; 0 keeps none. Kept rows are copied through untouched and never reach the denoiser; the
   manifest records them per page (``bar_rows``).
 * **Isolation.** Any error is this file's ``failed`` row with the reason; the job goes on.
@@ -184,7 +184,7 @@ def noise_estimate(image: np.ndarray) -> float | None:
 def bar_rows(image: np.ndarray, options: FileOptions) -> int:
     """Bottom rows of float32 (H, W) [0, 1] ``image`` to keep untouched under ``options``' bar policy."""
     if options.keep_bottom_rows == "auto":
-        from semray.ingest import detect_data_bar
+        from semray.databar import detect_data_bar
 
         return detect_data_bar(image, options.databar)
     return int(options.keep_bottom_rows)

@@ -1,7 +1,7 @@
 """Bring a user's own SEM image folders into the shard format (``semray ingest SRC --out SHARDS``).
 
-The pure parts take arrays and return arrays, testable without Ray: :func:`detect_data_bar` (the
-burned-in info bar at the bottom of most SEM images), :func:`crop_starts` / :func:`crop_grid`
+The pure parts take arrays and return arrays, testable without Ray: :func:`~semray.databar.detect_data_bar`
+(the burned-in info bar at the bottom of most SEM images, found in :mod:`semray.databar`), :func:`crop_starts` / :func:`crop_grid`
 (edge-aligned training crops), :func:`split_for` (train/val/test by source image from a stable hash)
 and :func:`register_pair` (sub-pixel registration of a noisy scan onto its clean partner).
 
@@ -34,6 +34,7 @@ import numpy as np
 
 from semray.config.base import dump_yaml
 from semray.config.ingest import DataBarConfig, IngestConfig
+from semray.databar import detect_data_bar
 from semray.io import (
     SPLITS,
     ImageMeta,
@@ -61,108 +62,6 @@ class _PageError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Pure image functions
 # --------------------------------------------------------------------------------------------------
-
-
-def _uniform_fraction(image: np.ndarray, level: np.ndarray | float, tolerance: float) -> np.ndarray:
-    """Per row, the fraction of pixels within ``tolerance`` of ``level`` (scalar or per-row (H,))."""
-    return np.mean(np.abs(image - np.reshape(level, (-1, 1))) <= tolerance, axis=1)
-
-
-def _background_levels(region: np.ndarray, dark_max: float, light_min: float) -> list[float]:
-    """Candidate bar backgrounds: the most common near-black and the most common near-white level.
-
-    A rendered bar's background is one exact value, so it is a spike in the histogram; only the dark
-    and light ends are searched so that a flat mid-grey image region is never taken for it. Both ends
-    are returned because a dark image clipped at 0 can out-count a white bar's background.
-    """
-    codes = np.clip(np.rint(region * 255.0), 0, 255).astype(np.int64)
-    hist = np.bincount(codes.ravel(), minlength=256)
-    levels = np.arange(256) / 255.0
-    out = []
-    for end in (levels <= dark_max, levels >= light_min):
-        counts = np.where(end, hist, 0)
-        if counts.any():
-            peak = int(np.argmax(counts))
-            # Refine within the 8-bit bin so a 16-bit background is matched exactly, not to +-0.5/255.
-            out.append(float(np.median(region[codes == peak])))
-    return out
-
-
-def _bottom_run(flags: np.ndarray, max_gap: int) -> int | None:
-    """Rows of the run of True at the end of ``flags`` (bridging up to ``max_gap`` False rows).
-
-    Returns None when the run starts more than ``max_gap`` rows above the end or covers all of
-    ``flags`` (no clear top edge), else the run's height in rows.
-    """
-    up = flags[::-1]
-    pos = np.flatnonzero(up)
-    if pos.size == 0 or pos[0] > max_gap:
-        return None
-    gaps = np.flatnonzero(np.diff(pos) - 1 > max_gap)
-    if gaps.size:
-        return int(pos[gaps[0]]) + 1
-    if up.size - 1 - int(pos[-1]) <= max_gap:
-        return None
-    return int(pos[-1]) + 1
-
-
-def detect_data_bar(image: np.ndarray, cfg: DataBarConfig | None = None) -> int:
-    """Height in rows of the burned-in data bar at the bottom of ``image`` (0 when there is none).
-
-    A bar is a rendered graphic: a bottom band whose rows are mostly at exactly one near-black or
-    near-white grey level (a micrograph's shot noise never puts that many pixels of a row within a
-    grey level or two of one value), bridging up to ``max_gap_rows`` rows of dense glyphs or separator
-    lines, topped by at most ``max_gap_rows`` rows of border line, holding sparse high-contrast text,
-    under an image that sits at that level far less often. A band running past ``max_fraction`` of
-    the height is a uniform image region, not a bar.
-
-    Args:
-        image: float32 (H, W) in [0, 1].
-        cfg: detector thresholds (defaults when None).
-
-    Returns:
-        Number of bottom rows to crop, ``0 <= n <= max_fraction * H + max_gap_rows``.
-    """
-    cfg = cfg or DataBarConfig()
-    img = np.asarray(image, dtype=np.float32)
-    max_rows = int(cfg.max_fraction * img.shape[0])
-    if max_rows < cfg.min_rows:
-        return 0
-    levels = _background_levels(img[-max_rows:], cfg.dark_max, cfg.light_min)
-    return max((_bar_at_level(img, b, max_rows, cfg) for b in levels), default=0)
-
-
-def _bar_at_level(img: np.ndarray, background: float, max_rows: int, cfg: DataBarConfig) -> int:
-    """:func:`detect_data_bar` for one candidate background level."""
-    h = img.shape[0]
-    at_level = _uniform_fraction(img, background, cfg.tolerance)  # (H,)
-    n = _bottom_run(at_level[h - max_rows :] >= cfg.min_uniform_fraction, cfg.max_gap_rows)
-    if n is None or n < cfg.min_rows:
-        return 0
-    # A border line drawn in the text colour across the top of the bar belongs to the bar too.
-    band = img[h - n :]
-    ink = band[np.abs(band - background) > cfg.text_contrast]
-    if ink.size:
-        codes = np.rint(ink * 255.0).astype(np.int64)
-        ink_level = float(np.argmax(np.bincount(codes, minlength=256))) / 255.0
-        medians = np.median(img, axis=1)
-        line = (np.abs(medians - ink_level) <= 1.0 / 255.0 + cfg.tolerance) & (
-            _uniform_fraction(img, medians, cfg.tolerance) >= cfg.min_uniform_fraction
-        )
-        for _ in range(cfg.max_gap_rows):
-            if n >= h or not line[h - n - 1]:
-                break
-            n += 1
-    text = float(np.mean(np.abs(img[h - n :] - background) > cfg.text_contrast))
-    if not cfg.min_text_fraction <= text <= cfg.max_text_fraction:
-        return 0
-    # The image just above must sit at the bar's level far less often than the bar does, else the
-    # "bar" is a flat image region (a dark image clipped at 0 has many pixels at 0, but not most).
-    above = at_level[max(0, h - n - max(2 * n, 16)) : h - n]
-    ratio = cfg.max_flat_above_fraction
-    if above.size == 0 or float(np.mean(above)) > ratio * float(np.mean(at_level[h - n :])):
-        return 0
-    return n
 
 
 def crop_starts(length: int, size: int, stride: int) -> np.ndarray:
@@ -421,6 +320,75 @@ def _match_float_range(noisy: np.ndarray, n_meta: ImageMeta, c_meta: ImageMeta) 
     return np.clip((raw - clo) / (chi - clo), 0.0, 1.0).astype(np.float32)
 
 
+def _registered(
+    source: Source, clean: np.ndarray, noisy: np.ndarray, cfg: IngestConfig
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], int]:
+    """Register ``noisy`` onto ``clean`` (both float32 (H, W)); returns both cropped by the border the
+    sub-pixel shift extrapolated, the shift (y, x) in px and that border's width."""
+    noisy, shift = register_pair(noisy, clean, cfg.upsample_factor)
+    largest = max(abs(shift[0]), abs(shift[1]))
+    if largest > cfg.max_shift_px:
+        raise _PageError(
+            f"registration shift ({shift[0]:.2f}, {shift[1]:.2f}) px exceeds max_shift_px="
+            f"{cfg.max_shift_px}: {source.noisy_key} and {source.key} do not show the same field"
+        )
+    # The spline shift extrapolates the border; those pixels are not data.
+    margin = math.ceil(largest)
+    if margin:
+        clean = clean[margin:-margin, margin:-margin]
+        noisy = noisy[margin:-margin, margin:-margin]
+    return clean, noisy, shift, margin
+
+
+def _crop_row(
+    source: Source, page: int, crop: tuple[int, int, int, int], margin: int, clean: np.ndarray, c_meta: ImageMeta,
+    orig: tuple[int, int, int], shared: Mapping[str, Any], cfg: IngestConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """One clean crop's shard row; ``orig`` is (height, width, bar rows) of the page as read."""
+    y, x, ch, cw = crop
+    y0, x0 = y + margin, x + margin  # in source-image coordinates
+    return {
+        "image_id": f"{SOURCE_NAME}/{source.key}/p{page}/y{y0}x{x0}",
+        "split": shared["split"],
+        "pattern": cfg.label,
+        "clean": np.ascontiguousarray(clean[y : y + ch, x : x + cw]),
+        "defect_mask": np.zeros((ch, cw), dtype=bool),
+        "defect_mask_known": False,
+        "n_defects": -1,  # unknown, not zero: nobody labelled real images
+        "defect_types": "",
+        "source": SOURCE_NAME,
+        "source_path": source.key,
+        "page": page,
+        "source_sha256": shared["sha256"],
+        "crop_y": y0,
+        "crop_x": x0,
+        "cropped_bottom_rows": orig[2],
+        "orig_height": orig[0],
+        "orig_width": orig[1],
+        "orig_dtype": c_meta.dtype,
+        "tiff_description": c_meta.description or "",
+        "tiff_tags": json.dumps(decode_tiff_tags(c_meta), sort_keys=True),
+    }
+
+
+def _noisy_columns(
+    source: Source, crop: tuple[int, int, int, int], noisy: np.ndarray, n_meta: ImageMeta,
+    shift: tuple[float, float], shared: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The noisy partner's columns of one crop's row."""
+    y, x, ch, cw = crop
+    return {
+        "noisy": np.ascontiguousarray(noisy[y : y + ch, x : x + cw]),
+        "noisy_source_path": source.noisy_key,
+        "noisy_source_sha256": shared["noisy_sha256"],
+        "noisy_orig_dtype": n_meta.dtype,
+        "noisy_tiff_description": n_meta.description or "",
+        "noisy_tiff_tags": json.dumps(decode_tiff_tags(n_meta), sort_keys=True),
+        "shift_y": shift[0],
+        "shift_x": shift[1],
+    }
+
+
 def _page_rows(
     source: Source,
     page: int,
@@ -447,18 +415,7 @@ def _page_rows(
     if noisy is not None:
         noisy = _match_float_range(noisy[: h - bar], n_meta, c_meta)  # type: ignore[arg-type]
         if cfg.registration:
-            noisy, shift = register_pair(noisy, clean, cfg.upsample_factor)
-            largest = max(abs(shift[0]), abs(shift[1]))
-            if largest > cfg.max_shift_px:
-                raise _PageError(
-                    f"registration shift ({shift[0]:.2f}, {shift[1]:.2f}) px exceeds max_shift_px="
-                    f"{cfg.max_shift_px}: {source.noisy_key} and {source.key} do not show the same field"
-                )
-            # The spline shift extrapolates the border; those pixels are not data.
-            margin = math.ceil(largest)
-            if margin:
-                clean = clean[margin:-margin, margin:-margin]
-                noisy = noisy[margin:-margin, margin:-margin]
+            clean, noisy, shift, margin = _registered(source, clean, noisy, cfg)
     size = cfg.crop_size
     if size is not None and min(clean.shape) < size:
         raise _PageError(
@@ -466,43 +423,10 @@ def _page_rows(
             f"{margin} px registration border) is smaller than crop_size={size}"
         )
     rows = []
-    for y, x, ch, cw in crop_grid(clean.shape, size, cfg.effective_stride):
-        y0, x0 = y + margin, x + margin  # in source-image coordinates
-        row: dict[str, Any] = {
-            "image_id": f"{SOURCE_NAME}/{source.key}/p{page}/y{y0}x{x0}",
-            "split": shared["split"],
-            "pattern": cfg.label,
-            "clean": np.ascontiguousarray(clean[y : y + ch, x : x + cw]),
-            "defect_mask": np.zeros((ch, cw), dtype=bool),
-            "defect_mask_known": False,
-            "n_defects": -1,  # unknown, not zero: nobody labelled real images
-            "defect_types": "",
-            "source": SOURCE_NAME,
-            "source_path": source.key,
-            "page": page,
-            "source_sha256": shared["sha256"],
-            "crop_y": y0,
-            "crop_x": x0,
-            "cropped_bottom_rows": bar,
-            "orig_height": h,
-            "orig_width": w,
-            "orig_dtype": c_meta.dtype,
-            "tiff_description": c_meta.description or "",
-            "tiff_tags": json.dumps(decode_tiff_tags(c_meta), sort_keys=True),
-        }
+    for crop in crop_grid(clean.shape, size, cfg.effective_stride):
+        row = _crop_row(source, page, crop, margin, clean, c_meta, (h, w, bar), shared, cfg)
         if noisy is not None and n_meta is not None:
-            row.update(
-                {
-                    "noisy": np.ascontiguousarray(noisy[y : y + ch, x : x + cw]),
-                    "noisy_source_path": source.noisy_key,
-                    "noisy_source_sha256": shared["noisy_sha256"],
-                    "noisy_orig_dtype": n_meta.dtype,
-                    "noisy_tiff_description": n_meta.description or "",
-                    "noisy_tiff_tags": json.dumps(decode_tiff_tags(n_meta), sort_keys=True),
-                    "shift_y": shift[0],
-                    "shift_x": shift[1],
-                }
-            )
+            row.update(_noisy_columns(source, crop, noisy, n_meta, shift, shared))
         rows.append(row)
     report = {
         "shape": [h, w],

@@ -20,11 +20,11 @@ from semray.cli import main
 from semray.config.base import ConfigError, load_config
 from semray.config.ingest import IngestConfig
 from semray.config.noise import NoiseConfig
+from semray.databar import detect_data_bar
 from semray.ingest import (
     IngestError,
     crop_grid,
     crop_starts,
-    detect_data_bar,
     ingest,
     register_pair,
     split_for,

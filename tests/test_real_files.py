@@ -20,8 +20,8 @@ from sem_files import (
     write_true_colour,
 )
 
+from semray.databar import detect_data_bar
 from semray.greyscale import nearest_palette_index, split_grey, to_file_layout
-from semray.ingest import detect_data_bar
 from semray.io import (
     ImageReadError,
     count_pages,

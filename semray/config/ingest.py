@@ -31,7 +31,7 @@ class DataBarConfig(StrictModel):
     """Removal of the burned-in SEM data bar (the info band with scale bar and text at the bottom).
 
     ``crop_rows > 0`` crops exactly that many bottom rows of every image and the detector is not run.
-    Otherwise, with ``mode: auto``, :func:`semray.ingest.detect_data_bar` looks for a bottom band of
+    Otherwise, with ``mode: auto``, :func:`semray.databar.detect_data_bar` looks for a bottom band of
     rows mostly at exactly one near-black or near-white grey level (a rendered graphic, not a noisy
     micrograph), holding sparse high-contrast text, under an image that is not uniform.
     """
