@@ -164,17 +164,18 @@ def memory_child(src: str, dst: str, threads: int, kind: str) -> None:
 
 
 def activation_child(threads: int, kind: str) -> None:
-    """Fresh process: peak RSS growth of tiled inference on a 512 x 512 image (one tile with the default
-    tiling: the largest tile the engine runs), i.e. the activation memory, which does not grow with the
-    image size."""
+    """Fresh process: peak RSS growth of tiled inference on a ``DEFAULT_TILE``-sided image (one tile with
+    the default tiling: the largest tile the engine runs), i.e. the activation memory, which does not
+    grow with the image size."""
     import psutil
     import torch
 
+    from semray.config.infer import DEFAULT_TILE
     from semray.infer import tiled_denoise
 
     torch.set_num_threads(threads)
     model, _ = load_model(kind)
-    img = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+    img = np.random.default_rng(0).random((DEFAULT_TILE, DEFAULT_TILE), dtype=np.float32)
     tiled_denoise(model.model if hasattr(model, "model") else model, img[:64, :64])  # warm-up allocs
     before = psutil.Process().memory_info().rss
     tiled_denoise(model.model if hasattr(model, "model") else model, img)

@@ -338,7 +338,7 @@ def test_tiling_section_is_shared_and_old_flat_keys_name_their_new_place() -> No
     from semray.config.serve import ServeConfig
 
     assert load_config(InferConfig, {"tiling": {"tile": 128}}).tiling == TilingConfig(tile=128)
-    assert ServeConfig().tiling == TilingConfig(tile=512, batch_size=1)  # the app's own defaults
+    assert ServeConfig().tiling == TilingConfig(batch_size=1)  # the app's own defaults
     for cls in (InferConfig, ServeConfig):
         with pytest.raises(ConfigError, match=r"'overlap' -> 'tiling.overlap'"):
             load_config(cls, {"overlap": 16})

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=["auto", "local", "ray"],
                    help="where a folder runs: 'auto' (in process up to local_max_megapixels, else Ray; "
                    "default), 'local' or 'ray'")  # fmt: skip
-    p.add_argument("--tile", type=int, help="largest tile side in pixels (default 512)")
+    p.add_argument("--tile", type=int, help="largest tile side in pixels (default 768)")
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: from the model's "
                    "receptive field, 104 for the shipped model; tiled == whole-image output)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 1 on CPU, 4 on GPU)")

@@ -14,10 +14,13 @@ from semray.io import DEFAULT_MAX_PIXELS
 MethodName = Literal["unet", "bm3d", "nlm", "bilateral", "gaussian", "median", "tv"]
 
 
-#: Default largest tile side (pixels). With the overlap the shipped model's receptive field needs (104 px)
-#: 512 px tiles run 1.49-1.56x an image's pixels through the network (1024^2 to 8192^2, from axis_plan);
-#: 256 px tiles would run 2.7-2.9x (256 px with the old 32 px overlap: 1.28-1.35x, with seams).
-DEFAULT_TILE = 512
+#: Default largest tile side (pixels), CPU and GPU alike. With the overlap the shipped model's receptive
+#: field needs (104 px), 768 px tiles run 1.21-1.35x an image's pixels through the network (1024^2 to
+#: 8192^2, from axis_plan; 512 px: 1.46-1.56x; 1024 px: 1.0 at 1024^2, 1.15-1.23x above). Per network
+#: pixel, larger tiles cost more on this x86 CPU (cache), so on one 1024^2 frame 2 x 2 tiles of 568 px
+#: took 0.94x the CPU time of a whole-image pass and 0.92x that of 512 px tiles, 1.02x the old inexact
+#: 256/32 tiling (benchmarks/results/tiles.md: 1 thread, interleaved repeats).
+DEFAULT_TILE = 768
 
 #: Keys that moved from the top level of the infer and serve configs into their ``tiling:`` section.
 TILING_KEYS = ("tile", "overlap", "batch_size")
