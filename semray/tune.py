@@ -46,6 +46,7 @@ TAG_TRIAL = "semray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_STOPPED = "semray.stopped_early"
 TAG_VARIANT = "semray.variant"
+TAG_SELECTED = "semray.selected"
 MODEL_ARTIFACT = "semray_model"
 
 
@@ -63,6 +64,10 @@ class SearchResult:
         trials: one summary row per trial (see :func:`summary_rows`).
         resumed: True if an interrupted search was restored.
         tracking_uri: the MLflow store the runs are in (``mlflow ui --backend-store-uri`` it).
+        init_score: a fine-tuning search's (``base.init``) score of the init weights, measured on the
+            trials' validation set before any trial (None without ``base.init``).
+        selected: what was registered: ``"trial"`` (the best trial) or ``"init"`` (no trial beat the
+            init weights, which are registered unchanged; see :func:`pick_winner`).
     """
 
     name: str
@@ -80,6 +85,8 @@ class SearchResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
     tracking_uri: str | None = None
+    init_score: float | None = None
+    selected: str = "trial"
 
     def summary(self) -> str:
         """Human-readable lines saying where everything is."""
@@ -94,12 +101,24 @@ class SearchResult:
             f"  best params:          {self.best_params}",
             f"  Tune experiment:      {self.storage_path}/{self.name}",
         ]
+        if self.init_score is not None:
+            lines.append(f"  init weights:         {SCORE_METRIC} = {self.init_score}")
+            lines.append(f"  registered:           {self.verdict()}")
         if self.registered_model and self.model_version:
             alias = f" (alias @{self.model_alias})" if self.model_alias else ""
             lines.append(
                 f"  registered model:     models:/{self.registered_model}/{self.model_version}{alias}"
             )
         return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """One sentence: what a fine-tuning search registered, and why (empty without ``base.init``)."""
+        if self.init_score is None:
+            return ""
+        score = f"{SCORE_METRIC} {_fmt(self.best_score)} vs init {_fmt(self.init_score)} on validation"
+        if self.selected == "init":
+            return f"the search found no improvement over the init model ({score}): its weights are registered unchanged"
+        return f"best trial {self.best_trial} improves on the init model ({score}) and is registered"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +163,20 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The epoch with the highest finite score in a trial's reported history (None if none)."""
     scored = [m for m in history if math.isfinite(float(m.get(SCORE_METRIC, float("nan"))))]
     return max(scored, key=lambda m: float(m[SCORE_METRIC])) if scored else None
+
+
+def pick_winner(best_trial_score: float | None, init_score: float | None) -> str:
+    """What a search registers: ``"trial"`` or ``"init"``.
+
+    The best trial wins only if its score is finite and strictly above the init weights' score on the
+    same validation set; a tie, a non-finite trial score or no trial means the init weights are kept.
+    Without init weights (``init_score`` None: a search from scratch) the best trial always wins.
+    """
+    if init_score is None:
+        return "trial"
+    if best_trial_score is None or not math.isfinite(best_trial_score):
+        return "init"
+    return "trial" if best_trial_score > init_score else "init"
 
 
 def was_stopped_early(epochs_done: int, max_epochs: int, status: str) -> bool:
@@ -246,7 +279,8 @@ def trial_fn(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     run_id = _trial_run(cfg, params, ctx, trial_id, trial_name)
     result = fit_run(
         cfg, ctx["plan"], run_name, ctx["train_storage"], tracking_uri=ctx.get("tracking_uri"),
-        mlflow_run_id=run_id, callbacks=[ScoreReportCallback(objective, ctx.get("tracking_uri"), run_id)],
+        mlflow_run_id=run_id, init_state=ctx.get("init_state"),
+        callbacks=[ScoreReportCallback(objective, ctx.get("tracking_uri"), run_id)],
     )  # fmt: skip
 
     # only trials that ran all their epochs get here: ASHA stops the others by ending this process
@@ -457,6 +491,7 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
     from ray import tune
 
     from semray.train import prepare_data, storage_root
+    from semray.train.runner import resolve_init
 
     storage = storage_root(cfg.run.storage_path, "tune")
     name = cfg.run.name or "tune-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -469,12 +504,17 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
             f"search {name!r} already exists under {storage}; resume it or set another run.name"
         )
     restore = exists and resume is not False
+    # a fine-tune (base.init): the init model's architecture and weights, loaded once here
+    base, init = resolve_init(cfg.base)
+    cfg = cfg.model_copy(update={"base": base})
     # data problems (missing shards, crops too large) surface here, before any trial starts
     plan = prepare_data(cfg.base)
     max_concurrent = connect_ray(cfg, n_files=len(plan.files))
     uri, exp_id, parent = _parent_run(cfg, name, storage, restore)
+    baseline = None if init is None else score_init(cfg, plan, init)
     ctx = {
         "base": cfg.base.model_dump(mode="json"),
+        "init_state": None if init is None else init.state,
         "objective": cfg.objective.model_dump(mode="json"),
         "plan": plan,
         "tracking_uri": uri,
@@ -487,10 +527,30 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
         print(f"semray tune: resuming search {name} from {path}", flush=True)
     try:
         grid = _build_tuner(cfg, name, storage, ctx, restore, max_concurrent).fit()
-        return _finish(cfg, grid, name, storage, uri, exp_id, parent, restore)
+        return _finish(cfg, grid, name, storage, uri, exp_id, parent, restore, baseline)
     except BaseException:
         _client(uri).set_terminated(parent, status="FAILED")
         raise
+
+
+@dataclass
+class InitBaseline:
+    """The init weights of a fine-tuning search (a ``semray.train.runner.InitModel``), scored as a trial."""
+
+    init: Any
+    metrics: dict[str, float]
+    score: float
+
+
+def score_init(cfg: TuneConfig, plan: Any, init: Any) -> InitBaseline:
+    """Score the init weights with the trials' own fixed validation set, metrics
+    (:func:`semray.train.runner.evaluate_init`) and objective: they compete on equal terms."""
+    from semray.train.runner import evaluate_init
+
+    metrics = evaluate_init(cfg.base, plan, init.state)
+    score = float(cfg.objective.score(metrics))
+    print(f"semray tune: init model {init.spec!r} before any trial: {SCORE_METRIC} {score:.4g}", flush=True)
+    return InitBaseline(init, metrics, score)
 
 
 def summary_rows(cfg: TuneConfig, grid: Any, uri: str, exp_id: str, parent: str) -> list[dict[str, Any]]:
@@ -541,23 +601,51 @@ def _close_trial_runs(client: Any, rows: list[dict[str, Any]]) -> None:
             client.set_terminated(r["run_id"], status="FAILED")
 
 
-def _register_best(cfg: TuneConfig, best_run: str, parent: str, name: str, trial: str) -> tuple[str, str]:
-    """Register the best trial's model (logged by :func:`trial_fn`) and tag it with the search."""
+def _register(cfg: TuneConfig, run_id: str, model_dir: str, tags: dict[str, str]) -> tuple[str, str]:
+    """Log the model folder ``model_dir`` to ``run_id``, register it under the search's name and alias
+    and tag the version with ``tags``."""
     from semray.train.mlflow_log import log_final_model
     from semray.train.runner import _input_example
 
-    client = _client(_tracking())
-    with tempfile.TemporaryDirectory(prefix="semray-best-") as tmp:
-        local = client.download_artifacts(best_run, MODEL_ARTIFACT, tmp)
-        reg_cfg = cfg.base.model_copy(deep=True)
-        reg_cfg.mlflow.registered_model = cfg.mlflow.registered_model
-        reg_cfg.mlflow.register_model = True
-        reg_cfg.mlflow.alias = cfg.mlflow.alias
-        reg = log_final_model(reg_cfg, best_run, local, _input_example(Path(local)))
+    reg_cfg = cfg.base.model_copy(deep=True)
+    reg_cfg.mlflow.registered_model = cfg.mlflow.registered_model
+    reg_cfg.mlflow.register_model = True
+    reg_cfg.mlflow.alias = cfg.mlflow.alias
+    reg = log_final_model(reg_cfg, run_id, model_dir, _input_example(Path(model_dir)))
     assert reg.name is not None and reg.version is not None
-    for k, v in {"semray.search_run_id": parent, TAG_SEARCH: name, TAG_TRIAL: trial}.items():
+    client = _client(_tracking())
+    for k, v in tags.items():
         client.set_model_version_tag(reg.name, reg.version, k, v)
     return reg.name, reg.version
+
+
+def _register_best(cfg: TuneConfig, best_run: str, parent: str, name: str, trial: str) -> tuple[str, str]:
+    """Register the best trial's model (logged by :func:`trial_fn`) and tag it with the search."""
+    with tempfile.TemporaryDirectory(prefix="semray-best-") as tmp:
+        local = _client(_tracking()).download_artifacts(best_run, MODEL_ARTIFACT, tmp)
+        tags = {"semray.search_run_id": parent, TAG_SEARCH: name, TAG_TRIAL: trial, TAG_SELECTED: "trial"}
+        return _register(cfg, best_run, local, tags)
+
+
+def _register_init(cfg: TuneConfig, baseline: InitBaseline, parent: str, name: str) -> tuple[str, str]:
+    """Register the init weights unchanged (no trial beat them), logged to the search's parent run;
+    the card names the init model as ``parent`` and carries its validation metrics."""
+    from semray.models.store import save_model
+    from semray.models.unet import build_model
+
+    net = build_model(cfg.base.model)
+    net.load_state_dict(baseline.init.state)
+    card = {
+        "name": cfg.mlflow.registered_model or name,
+        "description": f"the weights of {baseline.init.spec!r}, unchanged: search {name} found no "
+        "trial that beat them on its validation set",
+        "metrics": baseline.metrics,
+        "parent": baseline.init.card_entry(),
+    }
+    with tempfile.TemporaryDirectory(prefix="semray-init-") as tmp:
+        save_model(net, cfg.base.model, tmp, card)
+        tags = {"semray.search_run_id": parent, TAG_SEARCH: name, TAG_SELECTED: "init"}
+        return _register(cfg, parent, tmp, tags)
 
 
 def _tracking() -> str:
@@ -566,8 +654,38 @@ def _tracking() -> str:
     return tracking_uri()
 
 
+def _register_winner(
+    cfg: TuneConfig, out: SearchResult, baseline: InitBaseline | None, parent: str, client: Any
+) -> None:
+    """The one selection step: the best trial, or the init weights when no trial beat them
+    (:func:`pick_winner`); registers the winner (if ``mlflow.register_model``) and records the choice."""
+    out.init_score = None if baseline is None else baseline.score
+    out.selected = pick_winner(out.best_score, out.init_score)
+    if baseline is not None:
+        client.log_metric(parent, f"init_{SCORE_METRIC}", baseline.score)
+        client.set_tag(parent, TAG_SELECTED, out.selected)
+        print(f"semray tune: {out.verdict()}", flush=True)
+    if not cfg.mlflow.register_model or (out.selected == "trial" and not out.best_run_id):
+        return
+    if baseline is not None and out.selected == "init":
+        out.registered_model, out.model_version = _register_init(cfg, baseline, parent, out.name)
+    else:
+        reg = _register_best(cfg, str(out.best_run_id), parent, out.name, str(out.best_trial))
+        out.registered_model, out.model_version = reg
+    out.model_alias = cfg.mlflow.alias
+    client.set_tag(parent, "semray.registered_model", f"models:/{out.registered_model}/{out.model_version}")
+
+
 def _finish(
-    cfg: TuneConfig, grid: Any, name: str, storage: str, uri: str, exp_id: str, parent: str, resumed: bool
+    cfg: TuneConfig,
+    grid: Any,
+    name: str,
+    storage: str,
+    uri: str,
+    exp_id: str,
+    parent: str,
+    resumed: bool,
+    baseline: InitBaseline | None = None,
 ) -> SearchResult:
     client = _client(uri)
     rows = summary_rows(cfg, grid, uri, exp_id, parent)
@@ -604,14 +722,7 @@ def _finish(
     for k, v in best_params.items():
         client.set_tag(parent, f"best.{k}", str(v))
     client.set_tag(parent, "semray.best_run_id", str(best["run_id"]))
-    if cfg.mlflow.register_model and best["run_id"]:
-        out.registered_model, out.model_version = _register_best(
-            cfg, best["run_id"], parent, name, best["trial"]
-        )
-        out.model_alias = cfg.mlflow.alias
-        client.set_tag(
-            parent, "semray.registered_model", f"models:/{out.registered_model}/{out.model_version}"
-        )
+    _register_winner(cfg, out, baseline, parent, client)
     client.set_terminated(parent, status="FINISHED")
     return out
 

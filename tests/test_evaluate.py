@@ -318,6 +318,25 @@ def test_paired_deltas_and_wide_table() -> None:
     assert t.loc["ref", "8 e-/px"].startswith("**") and not t.loc["m", "8 e-/px"].startswith("**")
 
 
+def test_verdict_says_which_method_is_better_from_the_paired_interval() -> None:
+    from semray.evaluation.content import delta_verdict, verdict_text
+
+    assert delta_verdict(0.5, 0.1, 0.9) == "better" and delta_verdict(-0.5, -0.9, -0.1) == "worse"
+    assert delta_verdict(0.1, -0.2, 0.4) == "not significantly different"
+    assert (
+        delta_verdict(0.0, 0.0, 0.0) == "identical"
+        and delta_verdict(np.nan, np.nan, np.nan) == "not compared"
+    )
+    res = _toy_results()
+    text = verdict_text(paired_deltas(res, "ref", metrics=["psnr"]), "ref", ["m"])
+    # m - ref = 2, 3, 1 dB: the 95% interval 2 +- 2.48 spans 0
+    assert text == "**m vs ref (PSNR (dB)):** not significantly different at 8 e-/px (+2.00 [-0.48, +4.48])."
+    same = res.copy()
+    same.loc[same["method"] == "m", "psnr"] = same.loc[same["method"] == "ref", "psnr"].to_numpy()
+    assert "identical at 8 e-/px" in verdict_text(paired_deltas(same, "ref", metrics=["psnr"]), "ref", ["m"])
+    assert verdict_text(paired_deltas(res, "ref", metrics=["psnr"]), "ref", ["absent"]) == ""
+
+
 # -------------------------------------------------------------------------------------- config + helpers
 @pytest.mark.parametrize(
     ("data", "field"),

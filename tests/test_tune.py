@@ -176,6 +176,24 @@ def test_best_epoch_stopping_and_variant_labels() -> None:
     assert variant_name({"depth": 3, "base_width": 16, "residual": True, "edge_input": False}) == "d3-w16-res"
 
 
+def test_pick_winner_keeps_the_init_weights_unless_a_trial_beats_them() -> None:
+    from semray.tune import pick_winner
+
+    assert pick_winner(25.0, None) == "trial"  # from scratch: nothing to keep
+    assert pick_winner(25.01, 25.0) == "trial"
+    assert pick_winner(25.0, 25.0) == "init"  # a tie keeps the weights that were already there
+    assert pick_winner(24.0, 25.0) == "init"
+    assert pick_winner(float("nan"), 25.0) == "init" and pick_winner(None, 25.0) == "init"
+
+
+def test_a_fine_tuning_search_cannot_vary_the_architecture() -> None:
+    base = {"init": "default", "data": {"shards": ["x"]}}
+    ok = load_config(TuneConfig, {"base": base, "space": {"loss.alpha": {"uniform": [0, 1]}}})
+    assert ok.base.init == "default"
+    with pytest.raises(ConfigError, match=r"model.depth.*base.init='default'"):
+        load_config(TuneConfig, {"base": base, "space": {"model.depth": {"choice": [2, 3]}}})
+
+
 def test_report_writes_table_and_plot(tmp_path: Path) -> None:
     import pandas as pd
     from PIL import Image

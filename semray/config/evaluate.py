@@ -211,6 +211,10 @@ class ReportConfig(StrictModel):
     crop_px: int = Field(48, ge=8, le=512, description="Side of the zoomed defect crops (px).")
     ci: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the mean's interval (t-based).")
     dpi: int = Field(100, ge=50, le=300, description="Resolution of the PNG figures (dots per inch).")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Paragraphs (Markdown inline) shown under the report's title, e.g. how a model was made.",
+    )
 
 
 class DetectionConfig(StrictModel):

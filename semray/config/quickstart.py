@@ -1,8 +1,9 @@
 """Config of the quickstart (``semray demo``, ``make demo``): every stage of semray, end to end, small.
 
-The defaults are the embedded demo (no file needed): a small synthetic shard set, a four-trial loss
-search (``semray/assets/quickstart/tune.yaml``), a synthetic wafer lot of 16-bit TIFFs denoised with
-the searched model, and an evaluation of that model against the shipped model and BM3D
+The defaults are the embedded demo (no file needed): a small synthetic shard set, a four-trial
+loss-weight search that fine-tunes the shipped model and registers a trial only if it beats the shipped
+weights on validation (``semray/assets/quickstart/tune.yaml``), a synthetic wafer lot of 16-bit TIFFs
+denoised with the registered model, and an evaluation of that model against the shipped model and BM3D
 (``semray/assets/quickstart/evaluate.yaml``). Any field can be overridden from YAML or ``--set``, e.g.
 ``semray demo --set tune.search.num_samples=8 --set lot.size_px=1024``.
 """
@@ -71,7 +72,10 @@ class QuickstartConfig(StrictModel):
     )
     tune: TuneConfig = Field(
         default_factory=default_tune,
-        description="The loss/architecture search (base.data.shards and run.* are set by the demo).",
+        description=(
+            "The search: fine-tunes the shipped model over loss weights; the shipped weights are registered "
+            "unless a trial beats them on validation (base.data.shards and run.* are set by the demo)."
+        ),
     )
     lot: LotSection = Field(default_factory=LotSection, description="The synthetic lot to denoise.")
     denoise: InferConfig = Field(

@@ -276,6 +276,19 @@ class TuneConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
+    def _fine_tune_keeps_the_architecture(self) -> TuneConfig:
+        """A search from ``base.init`` fine-tunes those weights: every trial must load them, so the
+        architecture is the init model's and the space cannot vary it."""
+        varied = sorted(k for k in self.space if k.startswith("model."))
+        if self.base.init is not None and varied:
+            raise ValueError(
+                f"space: {varied} vary the architecture, but base.init={self.base.init!r} fine-tunes "
+                "existing weights, which only load into the init model's own architecture; remove them "
+                "from the space (search the loss weights or optim.lr instead)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _every_value_is_valid(self) -> TuneConfig:
         """Each value of each dimension must give a valid training config (the others at their base)."""
         from semray.config.base import ConfigError

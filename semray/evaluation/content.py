@@ -44,6 +44,37 @@ def delta_table(deltas: pd.DataFrame, metric: str, condition: str, digits: int =
     return table
 
 
+def delta_verdict(mean: float, lo: float, hi: float) -> str:
+    """``better`` / ``worse`` (the paired CI excludes 0), ``identical`` (every paired delta 0, so mean and
+    CI are exactly 0), ``not significantly different`` (the CI spans 0) or ``not compared`` (no mean)."""
+    if not np.isfinite(mean):
+        return "not compared"
+    if mean == 0 and lo == 0 and hi == 0:
+        return "identical"
+    if np.isfinite(lo) and lo > 0:
+        return "better"
+    if np.isfinite(hi) and hi < 0:
+        return "worse"
+    return "not significantly different"
+
+
+def verdict_text(deltas: pd.DataFrame, ref: str, methods: Sequence[str], metric: str = "psnr") -> str:
+    """One Markdown line per method of ``methods``: which is better than ``ref`` on ``metric`` at each
+    level of the main condition (:func:`delta_verdict` of the paired mean and CI); empty if none."""
+    d = deltas[(deltas["metric"] == metric) & (deltas["condition"] == MAIN_CONDITION)]
+    lines = []
+    for m in methods:
+        rows = d[d["method"] == m].sort_values("level")
+        parts = [
+            f"{delta_verdict(r['mean_delta'], r['ci_low'], r['ci_high'])} at {r['level']:g} {r['level_unit']} "
+            f"({_fmt_delta(r, 2)})"
+            for _, r in rows.iterrows()
+        ]
+        if parts:
+            lines.append(f"**{m} vs {ref} ({METRICS[metric]}):** " + "; ".join(parts) + ".")
+    return "\n\n".join(lines)
+
+
 def bound_table(bound: pd.DataFrame, condition: str, unit: str) -> pd.DataFrame:
     """The ideal-observer bound of ``condition`` as report rows, one column per level (like
     :func:`~semray.evaluation.stats.wide_table`): recall at each false-alarm rate, analytic and Monte
@@ -153,6 +184,7 @@ def report_blocks(
     n_levels = sum(len(c.levels) for c in conditions)
     return [
         Heading("semray evaluation", 1),
+        *[Para(note) for note in cfg.report.notes],
         Para(
             f"{len(meta['methods'])} methods x {len(METRICS)} metrics x {n_levels} noise "
             f"levels on {meta['test_set']['n_images']} {_samples_text(cfg)}. Created {meta['created']} with "
@@ -263,6 +295,9 @@ def comparison_blocks(cfg: EvaluateConfig, result: EvaluationResult) -> list[Blo
             f"means better than {ref}."
         )
     )
+    models = [m["label"] for m in result.meta["methods"] if m["kind"] == "model" and m["label"] != ref]
+    if verdict := verdict_text(result.deltas, ref, models):
+        b.append(Para(verdict))
     for metric in DELTA_METRICS:
         b.append(
             Table(delta_table(result.deltas, metric, MAIN_CONDITION), f"delta {METRICS[metric]} vs {ref}")
