@@ -39,6 +39,7 @@ from semray.config.base import ConfigError, dump_yaml, flatten
 from semray.config.train import TrainConfig
 from semray.config.tune import SCORE_METRIC, ObjectiveSection, TuneConfig, trial_config
 from semray.rayenv import worker_env
+from semray.tune_baseline import InitBaseline, pick_winner, score_init, write_init_model
 
 TAG_KIND = "semray.kind"
 TAG_SEARCH = "semray.search_name"
@@ -163,20 +164,6 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The epoch with the highest finite score in a trial's reported history (None if none)."""
     scored = [m for m in history if math.isfinite(float(m.get(SCORE_METRIC, float("nan"))))]
     return max(scored, key=lambda m: float(m[SCORE_METRIC])) if scored else None
-
-
-def pick_winner(best_trial_score: float | None, init_score: float | None) -> str:
-    """What a search registers: ``"trial"`` or ``"init"``.
-
-    The best trial wins only if its score is finite and strictly above the init weights' score on the
-    same validation set; a tie, a non-finite trial score or no trial means the init weights are kept.
-    Without init weights (``init_score`` None: a search from scratch) the best trial always wins.
-    """
-    if init_score is None:
-        return "trial"
-    if best_trial_score is None or not math.isfinite(best_trial_score):
-        return "init"
-    return "trial" if best_trial_score > init_score else "init"
 
 
 def was_stopped_early(epochs_done: int, max_epochs: int, status: str) -> bool:
@@ -533,26 +520,6 @@ def run_search(cfg: TuneConfig, resume: bool | None = None) -> SearchResult:
         raise
 
 
-@dataclass
-class InitBaseline:
-    """The init weights of a fine-tuning search (a ``semray.train.runner.InitModel``), scored as a trial."""
-
-    init: Any
-    metrics: dict[str, float]
-    score: float
-
-
-def score_init(cfg: TuneConfig, plan: Any, init: Any) -> InitBaseline:
-    """Score the init weights with the trials' own fixed validation set, metrics
-    (:func:`semray.train.runner.evaluate_init`) and objective: they compete on equal terms."""
-    from semray.train.runner import evaluate_init
-
-    metrics = evaluate_init(cfg.base, plan, init.state)
-    score = float(cfg.objective.score(metrics))
-    print(f"semray tune: init model {init.spec!r} before any trial: {SCORE_METRIC} {score:.4g}", flush=True)
-    return InitBaseline(init, metrics, score)
-
-
 def summary_rows(cfg: TuneConfig, grid: Any, uri: str, exp_id: str, parent: str) -> list[dict[str, Any]]:
     """One row per trial: id, status, stopped early, epochs, sampled params, best score and metrics, run id."""
     client = _client(uri)
@@ -628,22 +595,9 @@ def _register_best(cfg: TuneConfig, best_run: str, parent: str, name: str, trial
 
 
 def _register_init(cfg: TuneConfig, baseline: InitBaseline, parent: str, name: str) -> tuple[str, str]:
-    """Register the init weights unchanged (no trial beat them), logged to the search's parent run;
-    the card names the init model as ``parent`` and carries its validation metrics."""
-    from semray.models.store import save_model
-    from semray.models.unet import build_model
-
-    net = build_model(cfg.base.model)
-    net.load_state_dict(baseline.init.state)
-    card = {
-        "name": cfg.mlflow.registered_model or name,
-        "description": f"the weights of {baseline.init.spec!r}, unchanged: search {name} found no "
-        "trial that beat them on its validation set",
-        "metrics": baseline.metrics,
-        "parent": baseline.init.card_entry(),
-    }
+    """Register the init weights unchanged (no trial beat them), logged to the search's parent run."""
     with tempfile.TemporaryDirectory(prefix="semray-init-") as tmp:
-        save_model(net, cfg.base.model, tmp, card)
+        write_init_model(cfg, baseline, tmp, name)
         tags = {"semray.search_run_id": parent, TAG_SEARCH: name, TAG_SELECTED: "init"}
         return _register(cfg, parent, tmp, tags)
 

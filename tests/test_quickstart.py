@@ -187,7 +187,7 @@ def _check_the_registered_model_is_at_least_the_shipped_one(rec: dict[str, Any],
     import torch
 
     from semray.models.resolve import resolve_model
-    from semray.tune import pick_winner
+    from semray.tune_baseline import pick_winner
 
     assert np.isfinite(rec["init_score"]) and rec["selected"] == pick_winner(
         rec["best_score"], rec["init_score"]

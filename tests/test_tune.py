@@ -177,7 +177,7 @@ def test_best_epoch_stopping_and_variant_labels() -> None:
 
 
 def test_pick_winner_keeps_the_init_weights_unless_a_trial_beats_them() -> None:
-    from semray.tune import pick_winner
+    from semray.tune_baseline import pick_winner
 
     assert pick_winner(25.0, None) == "trial"  # from scratch: nothing to keep
     assert pick_winner(25.01, 25.0) == "trial"
