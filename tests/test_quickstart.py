@@ -53,7 +53,7 @@ TINY: dict[str, Any] = {
         "mlflow": {"experiment": "test-quickstart", "registered_model": "test-quickstart", "alias": "tuned"},
     },
     "lot": {"lots": 1, "wafers_per_lot": 2, "images_per_wafer": 1, "size_px": 64, "doses_e_per_px": [4, 64]},
-    "denoise": {"num_actors": 1, "cpus_per_actor": 0.5, "tile": 64, "overlap": 16},
+    "denoise": {"num_actors": 1, "cpus_per_actor": 0.5, "tiling": {"tile": 64, "overlap": 16}},
     "evaluate": {
         "doses_e_per_px": [8],
         "methods": {"classical": ["gaussian"], "models": ["default"], "device": "cpu"},
