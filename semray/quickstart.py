@@ -265,6 +265,46 @@ def _stage_evaluate(cfg: QuickstartConfig, out: Path, model_uri: str, note: str)
     return {"dir": str(res.out_dir), "report": str(Path(res.out_dir) / "report.html"), "run_id": res.run_id}
 
 
+class _Stages:
+    """The demo's stage records (``quickstart.json``): a stage whose inputs' digest and outputs are
+    unchanged is reused, any other is run under its own terminal bar and recorded atomically."""
+
+    def __init__(self, state_path: Path, force: bool, log: Callable[[str], None]) -> None:
+        self.path, self.log = state_path, log
+        fresh = force or not state_path.is_file()
+        self.state: dict[str, Any] = {} if fresh else json.loads(state_path.read_text())
+        self.result = QuickstartResult(state_path.parent, self.state)
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        tmp.replace(self.path)
+
+    def run(
+        self,
+        key: str,
+        title: str,
+        digest: str,
+        valid: Callable[[dict[str, Any]], bool],
+        fn: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Stage ``key``'s record: reused when its digest matches and ``valid(record)``, else ``fn()``'s."""
+        rec = self.state.get(key)
+        if rec is not None and rec.get("digest") == digest and valid(rec):
+            self.log(f"{title}: done in an earlier run, reused (--force redoes it)")
+            self.result.reused.append(key)
+            self.result.seconds[key] = 0.0
+            return rec
+        t0 = time.perf_counter()
+        with logs.stage(title):  # one terminal bar per stage
+            rec = {**fn(), "digest": digest}
+        self.result.seconds[key] = round(time.perf_counter() - t0, 1)
+        rec["seconds"] = self.result.seconds[key]
+        self.state[key] = rec
+        self._save()
+        return rec
+
+
 def run_quickstart(
     cfg: QuickstartConfig, force: bool = False, log: Callable[[str], None] = logs.say
 ) -> QuickstartResult:
@@ -280,36 +320,8 @@ def run_quickstart(
 
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_FILE
-    state: dict[str, Any] = {} if force or not state_path.is_file() else json.loads(state_path.read_text())
-    result = QuickstartResult(out, state)
-
-    def save() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, default=str))
-        tmp.replace(state_path)
-
-    def stage(
-        key: str,
-        title: str,
-        digest: str,
-        valid: Callable[[dict[str, Any]], bool],
-        fn: Callable[[], dict[str, Any]],
-    ) -> dict[str, Any]:
-        rec = state.get(key)
-        if rec is not None and rec.get("digest") == digest and valid(rec):
-            log(f"{title}: done in an earlier run, reused (--force redoes it)")
-            result.reused.append(key)
-            result.seconds[key] = 0.0
-            return rec
-        t0 = time.perf_counter()
-        with logs.stage(title):  # one terminal bar per stage
-            rec = {**fn(), "digest": digest}
-        result.seconds[key] = round(time.perf_counter() - t0, 1)
-        rec["seconds"] = result.seconds[key]
-        state[key] = rec
-        save()
-        return rec
+    stages = _Stages(out / STATE_FILE, force, log)
+    stage, result = stages.run, stages.result
 
     uri = configure()
     log(f"MLflow store: {uri}")
