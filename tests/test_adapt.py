@@ -177,6 +177,17 @@ def test_config_checks_the_train_overrides_up_front() -> None:
         load_config(AdaptConfig, None, ["user.val_fraction=1.5"])
 
 
+def test_plan_freezes_batchnorm_and_lets_the_train_section_turn_it_off() -> None:
+    from semray.adapt.plan import build_train_config
+
+    args = (None, "u", "s", "/tmp/store")
+    assert build_train_config(load_config(AdaptConfig, None), *args).optim.freeze_batchnorm is True
+    off = load_config(AdaptConfig, {"train": {"optim": {"freeze_batchnorm": False}}})
+    assert build_train_config(off, *args).optim.freeze_batchnorm is False
+    with pytest.raises(ConfigError, match=r"freeze_batchnorm"):
+        load_config(AdaptConfig, {"train": {"optim": {"freeze_batchnorm": "sometimes"}}})
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the files, nothing written
 # --------------------------------------------------------------------------------------------------

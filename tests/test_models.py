@@ -10,7 +10,7 @@ from semray.config.loss import loss_config
 from semray.config.model import UNetConfig
 from semray.losses import build_loss
 from semray.models import UNet, build_model, count_parameters, flops_per_megapixel
-from semray.models.unet import receptive_radius
+from semray.models.unet import freeze_batchnorm, receptive_radius
 
 SMALL = {"base_width": 4, "max_width": 16}  # tiny widths keep the tests fast on shared CPUs
 
@@ -197,3 +197,37 @@ def test_receptive_radius_is_the_exact_reach_of_an_output_pixel(kw, radius):
         reach = max(reach, c - int(rows.min()), int(rows.max()) - c)
     # the computed radius is never exceeded (sound) and is reached at some grid position (tight)
     assert reach == radius
+
+
+def _bn_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_batchnorm_keeps_its_statistics_through_training_steps(freeze: bool):
+    model = build_model(_cfg(norm="batch"))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if freeze:
+        assert freeze_batchnorm(model) == len(bns) > 0
+    stats = _bn_state(model)
+    affine = [p.detach().clone() for m in bns for p in (m.weight, m.bias)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model.train()  # what the loop does every epoch: must not unfreeze
+        x = torch.rand(4, 1, 32, 32) * 3.0 + 1.0  # far from the fresh statistics (mean 0, var 1)
+        total, _ = build_loss(loss_config())(model(x), (x / 4.0).clamp(0, 1))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    after = _bn_state(model)
+    unchanged = [k for k in stats if torch.equal(stats[k], after[k])]
+    assert len(unchanged) == (len(stats) if freeze else 0)
+    # frozen or not, the layers' affine scale and shift still train
+    now = [p.detach() for m in bns for p in (m.weight, m.bias)]
+    assert not any(torch.equal(a, b) for a, b in zip(affine, now, strict=True))
+
+
+def test_freeze_batchnorm_without_batchnorm_changes_nothing():
+    model = build_model(_cfg(norm="group"))
+    assert freeze_batchnorm(model) == 0
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -56,7 +56,14 @@ def build_train_config(
             "val_crop_px": val_crop_px,
             "val_max_images": 16,
         },
-        "optim": {"epochs": o.epochs, "steps_per_epoch": o.steps_per_epoch, "lr": o.lr},
+        # BatchNorm statistics stay the init model's: re-estimating them from the fine-tune's 8-crop
+        # batches alone cost 0.8-1.0 dB of val PSNR at lr 0 (docs/adapt.md, "Why BatchNorm is frozen")
+        "optim": {
+            "epochs": o.epochs,
+            "steps_per_epoch": o.steps_per_epoch,
+            "lr": o.lr,
+            "freeze_batchnorm": True,
+        },
         "validation": {"metric": f"val_psnr/{USER_SOURCE}", "figure_every": 0},
         "scaling": {"num_workers": o.num_workers},
         "checkpoint": {"keep_best": o.epochs},

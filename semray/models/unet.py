@@ -191,6 +191,30 @@ def build_model(cfg: UNetConfig) -> nn.Module:
     raise ValueError(f"unknown model architecture {cfg.architecture!r}")  # pragma: no cover
 
 
+def _batchnorm_eval_hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+    # runs before every forward, so a later model.train() (every epoch) cannot switch it back
+    module.training = False
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Keep every BatchNorm layer of ``model`` in eval mode from now on, whatever ``model.train()`` says.
+
+    Frozen layers normalise with their running mean/variance and never update them (nor
+    ``num_batches_tracked``); their affine weight and bias still get gradients. Fine-tuning a trained
+    model on small batches otherwise replaces its running statistics by ones estimated from those
+    batches (momentum 0.1), which measurably hurts it (see ``optim.freeze_batchnorm``). Apply before
+    wrapping the model in DDP; the state dict is unchanged.
+
+    Returns:
+        The number of BatchNorm layers frozen (0 for a model without BatchNorm: nothing changes).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.register_forward_pre_hook(_batchnorm_eval_hook)
+        m.eval()
+    return len(layers)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (scalars) in ``model``; buffers such as BatchNorm statistics excluded."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -35,7 +35,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from semray.config.train import TrainConfig
 from semray.losses import DefectWeightedLoss, build_loss
-from semray.models.unet import build_model
+from semray.models.unet import build_model, freeze_batchnorm
 from semray.selfsup import SelfSupervisedObjective
 from semray.train.checkpoint import (
     DataRecord,
@@ -227,6 +227,8 @@ def setup_worker(config: dict[str, Any]) -> Worker:
         net.load_state_dict(model_sd)
     elif config.get("init_state") is not None:
         net.load_state_dict(config["init_state"])
+    if cfg.optim.freeze_batchnorm:
+        freeze_batchnorm(net)
     net = net.to(device=device, memory_format=memory_format)
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
