@@ -161,12 +161,22 @@ def add_noise_batch(
         img, p = synthesize(np.asarray(clean, dtype=np.float32), cfg, image_rng(seed, str(iid), epoch))
         noisy.append(img)
         params.append(p)
-    out["noisy"] = _like_column(batch["clean"], noisy)
-    out.update(target_columns(batch, params))
+    out["noisy"] = like_column(batch["clean"], noisy)
+    out.update(noise_columns(batch, params, seed, epoch))
+    return out
+
+
+def noise_columns(
+    batch: Mapping[str, Any], params: list[NoiseParams], seed: int, epoch: int
+) -> dict[str, np.ndarray]:
+    """The columns every noise stage adds next to its noisy images: the targets
+    (:func:`target_columns`), one column per :class:`NoiseParams` field (``as_columns``), and
+    ``noise_seed``/``noise_epoch`` (int64), each of length ``len(params)``."""
+    out = target_columns(batch, params)
     cols = [p.as_columns() for p in params]
     for key in cols[0] if cols else []:
         out[key] = np.asarray([c[key] for c in cols])
-    n = len(noisy)
+    n = len(params)
     out["noise_seed"] = np.full(n, seed, dtype=np.int64)
     out["noise_epoch"] = np.full(n, epoch, dtype=np.int64)
     return out
@@ -184,14 +194,15 @@ def target_columns(batch: Mapping[str, Any], params: list[NoiseParams]) -> dict[
     for name in ("clean", "reference"):
         if name in batch and batch[name] is not None:
             col = batch[name]
-            out[name] = _like_column(col, [clean_target(c, p) for c, p in zip(col, params, strict=True)])
+            out[name] = like_column(col, [clean_target(c, p) for c, p in zip(col, params, strict=True)])
     return out
 
 
-def _like_column(col: Any, images: list[np.ndarray]) -> np.ndarray:
-    """``images`` in the layout of the column ``col``: stacked (B, H, W) float32, or a (B,) object array."""
+def like_column(col: Any, images: list[np.ndarray]) -> np.ndarray:
+    """``images`` in the layout of the column ``col``: stacked (B, H, W) float32 (an empty batch keeps
+    ``col``'s shape), or a (B,) object array."""
     if isinstance(col, np.ndarray) and col.dtype != object:
-        return np.stack(images).astype(np.float32)
+        return np.stack(images).astype(np.float32) if images else np.zeros_like(col, np.float32)
     ragged = np.empty(len(images), dtype=object)
     ragged[:] = images
     return ragged

@@ -52,8 +52,13 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig: plt.Figure, out_png: str | Path) -> Path:
+    """Write ``fig`` to ``out_png`` (parent folders made), close it, and return the path."""
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
     plt.close(fig)
-    return out_png
+    return out

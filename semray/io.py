@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -256,6 +256,16 @@ def _tiff_grey(p: Any, data: np.ndarray, source: str) -> tuple[np.ndarray, Colou
     )
 
 
+def _raise_read_error(e: Exception, source: str, fmt: str) -> NoReturn:
+    """Raise what a decoder raises for ``e``: an :class:`ImageReadError` as is, a :class:`NotGreyError`'s
+    message as an ``ImageReadError``, anything else as "``source``: cannot be read as ``fmt``"."""
+    if isinstance(e, ImageReadError):
+        raise e
+    if isinstance(e, NotGreyError):
+        raise ImageReadError(str(e)) from None
+    raise ImageReadError(f"{source}: cannot be read as {fmt} ({type(e).__name__}: {e})") from e
+
+
 def _decode_tiff_page(tf: Any, path: Path, index: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
     """Page ``index`` of an open TIFF as float32 (H, W) [0, 1] and its :class:`ImageMeta`."""
     n = len(tf.pages)
@@ -276,12 +286,8 @@ def _decode_tiff_page(tf: Any, path: Path, index: int, max_pixels: int) -> tuple
             unit = p.tags[296].value if 296 in p.tags else 2
             meta.resolution = (p.tags[282].value, p.tags[283].value, int(unit))
         meta.extratags = _tiff_extratags(tf, p)
-    except ImageReadError:
-        raise
-    except NotGreyError as e:
-        raise ImageReadError(str(e)) from None
     except Exception as e:  # tifffile raises many types for truncated or foreign pages
-        raise ImageReadError(f"{source}: cannot be read as TIFF ({type(e).__name__}: {e})") from e
+        _raise_read_error(e, source, "TIFF")
     return _finish(grey, meta, source, max_pixels)
 
 
@@ -354,12 +360,8 @@ def _decode_pil(path: Path, fmt: str, max_pixels: int) -> tuple[np.ndarray, Imag
             im.load()
             grey, colour = _pil_grey(im, str(path))
             meta = ImageMeta(dtype="", shape=(0, 0), format=fmt, colour=colour, pil_info=_pil_info(im, fmt))
-    except ImageReadError:
-        raise
-    except NotGreyError as e:
-        raise ImageReadError(str(e)) from None
     except Exception as e:  # Pillow raises many types for truncated or foreign files
-        raise ImageReadError(f"{path}: cannot be read as {fmt.upper()} ({type(e).__name__}: {e})") from e
+        _raise_read_error(e, str(path), fmt.upper())
     return _finish(grey, meta, str(path), max_pixels)
 
 

@@ -283,6 +283,22 @@ def _check_reference(reference: np.ndarray | None, shape: tuple[int, ...]) -> np
     return ref
 
 
+def _require_reference(reference: np.ndarray | None, shape: tuple[int, ...], caller: str) -> np.ndarray:
+    """:func:`_check_reference` for the metrics that cannot do without the defect-free render."""
+    ref = _check_reference(reference, shape)
+    if ref is None:
+        raise ValueError(f"{caller} needs the defect-free reference image")
+    return ref
+
+
+def _check_noise_var(noise_var: np.ndarray | float, shape: tuple[int, ...]) -> np.ndarray:
+    """``noise_var`` (scalar or ``shape``) as a float64 view of ``shape``, checked positive and finite."""
+    var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), shape)
+    if not (np.all(np.isfinite(var)) and np.all(var > 0)):
+        raise ValueError("noise_var must be positive and finite everywhere")
+    return var
+
+
 def defect_contrast(
     clean: np.ndarray,
     denoised: np.ndarray,
@@ -437,12 +453,8 @@ def defect_detectability(
         ValueError: a shape does not match, or a variance is not positive and finite.
     """
     a = np.asarray(clean, dtype=np.float64)
-    ref = _check_reference(reference, a.shape)
-    if ref is None:
-        raise ValueError("defect_detectability needs the defect-free reference image")
-    var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), a.shape)
-    if not (np.all(np.isfinite(var)) and np.all(var > 0)):
-        raise ValueError("noise_var must be positive and finite everywhere")
+    ref = _require_reference(reference, a.shape, "defect_detectability")
+    var = _check_noise_var(noise_var, a.shape)
     labels, n = _label_defects(defect_mask, a.shape)
     if n == 0:
         return np.zeros(0)
@@ -484,9 +496,7 @@ def defect_site_scores(
         ValueError: a shape does not match, or a variance is not positive and finite.
     """
     a, b = _check_pair(clean, image, "scored")
-    ref = _check_reference(reference, a.shape)
-    if ref is None:
-        raise ValueError("defect_site_scores needs the defect-free reference image")
+    ref = _require_reference(reference, a.shape, "defect_site_scores")
     labels, n = _label_defects(defect_mask, a.shape)
     if n == 0:
         return np.zeros(0)
@@ -497,9 +507,7 @@ def defect_site_scores(
         energy = ndi.sum_labels(sig**2, support, index)
         score = ndi.sum_labels(sig * (b - ref), support, index) / np.maximum(energy, 1e-12)
     else:
-        var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), a.shape)
-        if not (np.all(np.isfinite(var)) and np.all(var > 0)):
-            raise ValueError("noise_var must be positive and finite everywhere")
+        var = _check_noise_var(noise_var, a.shape)
         energy = ndi.sum_labels(sig**2 / var, support, index)
         score = ndi.sum_labels(sig * (b - ref) / var, support, index) / np.sqrt(np.maximum(energy, 1e-24))
     return np.asarray(score, dtype=np.float64).reshape(n)[peak >= MIN_DEFECT_SIGNATURE]
@@ -519,9 +527,7 @@ def defect_false_alarm(
     in [0, 1]. NaN when no defect is measurable.
     """
     a, b = _check_pair(clean, denoised_reference, "denoised reference")
-    ref = _check_reference(reference, a.shape)
-    if ref is None:
-        raise ValueError("defect_false_alarm needs the defect-free reference image")
+    ref = _require_reference(reference, a.shape, "defect_false_alarm")
     labels, n = _label_defects(defect_mask, a.shape)
     if n == 0:
         return float("nan")

@@ -239,7 +239,7 @@ def add_noise_pair_batch(
         parameter columns, ``noise_seed`` and ``noise_epoch``; ``clean`` on the frames' scale as in
         :func:`~semray.data.add_noise_batch` (rescaled only with the ``headroom`` ADC window).
     """
-    from semray.data import target_columns
+    from semray.data import like_column, noise_columns
     from semray.noise import apply_noise, image_rng, sample_params
 
     cfg = noise if isinstance(noise, NoiseConfig) else NoiseConfig.model_validate(noise)
@@ -253,21 +253,10 @@ def add_noise_pair_batch(
         frames[0].append(apply_noise(c, p, rng))
         frames[1].append(apply_noise(c, p, rng))
         params.append(p)
-    clean_col = batch["clean"]
     for name, imgs in zip(("noisy", "noisy2"), frames, strict=True):
-        if isinstance(clean_col, np.ndarray) and clean_col.dtype != object:
-            out[name] = np.stack(imgs).astype(np.float32) if imgs else np.zeros_like(clean_col, np.float32)
-        else:
-            ragged = np.empty(len(imgs), dtype=object)
-            ragged[:] = imgs
-            out[name] = ragged
-    out.update(target_columns(batch, params))  # headroom ADC window: clean on the noisy scale
-    cols = [p.as_columns() for p in params]
-    for key in cols[0] if cols else []:
-        out[key] = np.asarray([c[key] for c in cols])
-    n = len(params)
-    out["noise_seed"] = np.full(n, seed, dtype=np.int64)
-    out["noise_epoch"] = np.full(n, epoch, dtype=np.int64)
+        out[name] = like_column(batch["clean"], imgs)
+    # targets on the noisy scale (headroom ADC window), params, seed and epoch: as the noise stage
+    out.update(noise_columns(batch, params, seed, epoch))
     return out
 
 

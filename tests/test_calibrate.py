@@ -414,3 +414,15 @@ def test_real_low_dose_crop_calibrates_with_closure(tmp_path: Path) -> None:
     assert result.estimates["poisson_a"].detected
     assert math.isfinite(closure["mv_rel_error_max"]) and math.isfinite(closure["acf_abs_error_max"])
     assert len(closure["acf_x_real"]) == 3 and len(closure["mv_rel_error"]) == 10
+
+
+def test_concat_rows_joins_per_block_fields_and_keeps_shared_ones() -> None:
+    from semray.calibrate.charging import RidgeSums
+
+    decays = np.array([2.0, 8.0])
+    a = RidgeSums(np.ones((1, 3, 4)), np.ones((1, 3, 2, 4)), np.ones((1, 3)), decays)
+    b = RidgeSums(2 * np.ones((2, 3, 4)), 2 * np.ones((2, 3, 2, 4)), 2 * np.ones((2, 3)), decays.copy())
+    c = RidgeSums.concat([a, b])
+    assert c.p.shape == (3, 3, 4) and c.m.shape == (3, 3, 2, 4) and c.n.shape == (3, 3)
+    np.testing.assert_array_equal(c.n[:, 0], [1.0, 2.0, 2.0])  # block order kept
+    assert c.decays is decays  # the shared grid is taken from the first item, not stacked

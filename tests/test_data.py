@@ -119,3 +119,15 @@ def test_headroom_adc_window_puts_clean_on_the_noisy_scale() -> None:
     assert out["noise_adc_window"].tolist() == ["headroom"] * 3
     plain = add_noise_batch(batch, NoiseConfig(), seed=1, epoch=2)
     assert plain["clean"] is clean  # default 'clip': the clean column is passed through untouched
+
+
+def test_noise_stage_on_an_empty_batch_keeps_the_layout() -> None:
+    """Ray Data can hand a stage an empty batch: both noise stages answer with empty columns of the
+    clean column's layout instead of failing in ``np.stack``."""
+    from semray.selfsup import add_noise_pair_batch
+
+    batch = {"image_id": np.asarray([], dtype=object), "clean": np.zeros((0, 8, 6), np.float32)}
+    noise = NoiseConfig().model_dump(mode="json")
+    for out in (add_noise_batch(batch, noise, seed=3), add_noise_pair_batch(batch, noise, seed=3)):
+        assert out["noisy"].shape == (0, 8, 6) and out["noisy"].dtype == np.float32
+        assert out["noise_seed"].shape == (0,) and out["noise_epoch"].dtype == np.int64

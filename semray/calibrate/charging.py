@@ -10,7 +10,7 @@ import numpy as np
 from scipy import sparse
 from scipy.ndimage import gaussian_filter1d
 
-from semray.calibrate.common import as_image
+from semray.calibrate.common import as_image, concat_rows
 
 
 @dataclass
@@ -27,12 +27,7 @@ class RidgeSums:
 
     @staticmethod
     def concat(items: Sequence[RidgeSums]) -> RidgeSums:
-        return RidgeSums(
-            np.concatenate([s.p for s in items]),
-            np.concatenate([s.m for s in items]),
-            np.concatenate([s.n for s in items]),
-            items[0].decays,
-        )
+        return concat_rows(items, keep=("decays",))
 
 
 def _unit_tail(d: np.ndarray, decay_px: float) -> np.ndarray:

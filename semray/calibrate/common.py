@@ -4,7 +4,9 @@ filter noise gains, patch tiling and the variance-to-sigma conversion."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -20,6 +22,23 @@ class Estimate:
     stderr: float
     detected: bool = True
     note: str = ""
+
+
+_Rows = TypeVar("_Rows")
+
+
+def concat_rows(items: Sequence[_Rows], keep: tuple[str, ...] = ()) -> _Rows:
+    """Dataclass records of per-block arrays joined along axis 0, field by field; the fields named in
+    ``keep`` (shared by every item, e.g. a parameter grid) are taken from the first item."""
+    first = items[0]
+    return type(first)(
+        **{
+            f.name: getattr(first, f.name)
+            if f.name in keep
+            else np.concatenate([getattr(s, f.name) for s in items])
+            for f in fields(first)  # type: ignore[arg-type]
+        }
+    )
 
 
 def as_image(img: np.ndarray) -> np.ndarray:

@@ -109,6 +109,8 @@ def calibration_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from semray.figures import save_figure
+
     fig, ax = plt.subplots(2, 3, figsize=(13.5, 8.0), dpi=100)
     _panel_crops(ax[0, :2], real_example, synth_example)
     _panel_mean_variance(ax[0, 2], real, synth, result)
@@ -117,8 +119,4 @@ def calibration_figure(
     _panel_charging(ax[1, 2], real, synth, result)
     fig.suptitle(_title(result), fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from semray.calibrate.common import MAD_TO_SIGMA, Estimate, as_image, blocks, kernel_energy, sigma_from_var
+from semray.calibrate.common import (
+    MAD_TO_SIGMA,
+    Estimate,
+    as_image,
+    blocks,
+    concat_rows,
+    kernel_energy,
+    sigma_from_var,
+)
 from semray.config.calibrate import CalibrationConfig
 
 
@@ -49,9 +57,7 @@ class PatchStats:
 
     @staticmethod
     def concat(items: Sequence[PatchStats]) -> PatchStats:
-        return PatchStats(
-            **{k: np.concatenate([getattr(s, k) for s in items]) for k in PatchStats.__dataclass_fields__}
-        )
+        return concat_rows(items)
 
 
 def _line_stats(t: np.ndarray, p: int, remove_line_mean: bool) -> tuple[np.ndarray, ...]:

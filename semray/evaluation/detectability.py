@@ -36,7 +36,7 @@ Pure numpy/pandas (no Ray, no models): the evaluation's test images and conditio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,20 @@ def noise_variance(image: TestImage, cond: Condition, level: float, seed: int) -
     return a * mean_intensity + b
 
 
+def _measurable_dprimes(
+    images: Sequence[TestImage], conditions: Sequence[Condition], seed: int
+) -> Iterator[tuple[Condition, float, TestImage, np.ndarray]]:
+    """``(condition, level, image, d')`` for every image with a reference and a defect, in the order
+    condition, level, image; ``d'`` is float64 of shape (n_sites,), possibly empty."""
+    for cond in conditions:
+        for level in cond.levels:
+            for im in images:
+                if im.reference is None or not im.defect_mask.any():
+                    continue
+                var = noise_variance(im, cond, level, seed)
+                yield cond, level, im, defect_detectability(im.clean, im.reference, im.defect_mask, var)
+
+
 def detectability_table(
     images: Sequence[TestImage],
     conditions: Sequence[Condition],
@@ -96,27 +110,21 @@ def detectability_table(
         with ``d' >= 5``). Columns :data:`COLUMNS`; empty when no image has a measurable defect.
     """
     rows = []
-    for cond in conditions:
-        for level in cond.levels:
-            for im in images:
-                if im.reference is None or not im.defect_mask.any():
-                    continue
-                var = noise_variance(im, cond, level, seed)
-                d = defect_detectability(im.clean, im.reference, im.defect_mask, var)
-                if d.size == 0:
-                    continue
-                rows.append(
-                    {
-                        "condition": cond.name,
-                        "level": float(level),
-                        "image_id": im.image_id,
-                        "noise_seed": int(seed),
-                        "n_defects": int(d.size),
-                        "dprime_median": float(np.median(d)),
-                        "ideal_recall": ideal_observer_recall(d, false_alarm),
-                        "rose_fraction": float(np.mean(d >= ROSE_DPRIME)),
-                    }
-                )
+    for cond, level, im, d in _measurable_dprimes(images, conditions, seed):
+        if d.size == 0:
+            continue
+        rows.append(
+            {
+                "condition": cond.name,
+                "level": float(level),
+                "image_id": im.image_id,
+                "noise_seed": int(seed),
+                "n_defects": int(d.size),
+                "dprime_median": float(np.median(d)),
+                "ideal_recall": ideal_observer_recall(d, false_alarm),
+                "rose_fraction": float(np.mean(d >= ROSE_DPRIME)),
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -176,17 +184,11 @@ def ideal_roc(dprime: np.ndarray, n_points: int = 200) -> tuple[np.ndarray, np.n
 def dprime_sites(images: Sequence[TestImage], conditions: Sequence[Condition], seed: int) -> pd.DataFrame:
     """``d'`` of every measurable defect site: columns ``condition, level, image_id, noise_seed, site,
     dprime`` (the sites :func:`semray.metrics.defect_site_scores` scores, in the same order)."""
-    rows = []
-    for cond in conditions:
-        for level in cond.levels:
-            for im in images:
-                if im.reference is None or not im.defect_mask.any():
-                    continue
-                var = noise_variance(im, cond, level, seed)
-                d = defect_detectability(im.clean, im.reference, im.defect_mask, var)
-                rows += [
-                    (cond.name, float(level), im.image_id, int(seed), k, float(x)) for k, x in enumerate(d)
-                ]
+    rows = [
+        (cond.name, float(level), im.image_id, int(seed), k, float(x))
+        for cond, level, im, d in _measurable_dprimes(images, conditions, seed)
+        for k, x in enumerate(d)
+    ]
     return pd.DataFrame(rows, columns=["condition", "level", "image_id", "noise_seed", "site", "dprime"])
 
 

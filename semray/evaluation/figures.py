@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 from scipy import ndimage as ndi
 
 from semray.evaluation.stats import METRICS
+from semray.figures import save_figure
 
 #: Metrics drawn in the metric-vs-level figure (the write-up's four).
 CURVE_METRICS = (
@@ -100,13 +101,11 @@ def plot_metrics_vs_level(
         ax.set_xlabel("dose (e-/px)" if unit == "e-/px" else f"noise level ({unit})")
         ax.set_ylabel(METRICS.get(metric, metric))
         ax.grid(True, alpha=0.3)
-    for ax in axes.ravel()[len(metrics) :]:
-        ax.axis("off")
-    _figure_legend(fig, axes)
-    fig.suptitle(title or f"metrics vs noise level: {condition}", fontsize=11)
     # fixed margins instead of tight_layout: as good here and several times faster
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.91, bottom=0.16, wspace=0.25, hspace=0.35)
-    return _save(fig, out_png)
+    margins = {"top": 0.91, "bottom": 0.16, "wspace": 0.25, "hspace": 0.35}
+    return _finish_panels(
+        fig, axes, len(metrics), title or f"metrics vs noise level: {condition}", out_png, margins
+    )
 
 
 def _metric_panel(
@@ -200,12 +199,21 @@ def plot_roc(
         ax.set_xlabel("false alarms per site")
         ax.set_ylabel("recall")
         ax.grid(True, alpha=0.3)
-    for ax in axes.ravel()[len(levels) :]:
+    margins = {"top": 0.88, "bottom": 0.25, "wspace": 0.3, "hspace": 0.4}
+    return _finish_panels(fig, axes, len(levels), title or f"detection ROC: {condition}", out_png, margins)
+
+
+def _finish_panels(
+    fig: plt.Figure, axes: np.ndarray, n_used: int, title: str, out_png: str | Path, margins: dict[str, float]
+) -> Path:
+    """Blank the panels after the first ``n_used``, add the shared legend and title, set the margins
+    (``left``/``right`` fixed, the rest from ``margins``) and save."""
+    for ax in axes.ravel()[n_used:]:
         ax.axis("off")
     _figure_legend(fig, axes)
-    fig.suptitle(title or f"detection ROC: {condition}", fontsize=11)
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.25, wspace=0.3, hspace=0.4)
-    return _save(fig, out_png)
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.08, right=0.98, **margins)
+    return save_figure(fig, out_png)
 
 
 def _figure_legend(fig: plt.Figure, axes: np.ndarray) -> None:
@@ -295,7 +303,7 @@ def plot_examples(
     fig.subplots_adjust(
         left=0.06, right=0.99, top=1 - 0.5 / (cell * n_rows), bottom=0.01, wspace=0.05, hspace=0.12
     )
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_runtime(runtime: pd.DataFrame, out_png: str | Path, dpi: int = 100) -> Path:
@@ -317,12 +325,4 @@ def plot_runtime(runtime: pd.DataFrame, out_png: str | Path, dpi: int = 100) -> 
     ax.set_xlabel(f"seconds per megapixel ({threads} thread{'s' if threads > 1 else ''}, lower is faster)")
     ax.grid(True, axis="x", which="major", alpha=0.3)
     fig.subplots_adjust(left=0.22, right=0.97, bottom=0.5 / (0.45 * len(r) + 1.2) + 0.1, top=0.95)
-    return _save(fig, out_png)
-
-
-def _save(fig: plt.Figure, out_png: str | Path) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png)
