@@ -178,7 +178,7 @@ def test_config_checks_the_train_overrides_up_front() -> None:
 
 
 def test_plan_freezes_batchnorm_and_lets_the_train_section_turn_it_off() -> None:
-    from semray.adapt.plan import build_train_config
+    from semray.config.adapt import build_train_config
 
     args = (None, "u", "s", "/tmp/store")
     assert build_train_config(load_config(AdaptConfig, None), *args).optim.freeze_batchnorm is True

@@ -1,13 +1,12 @@
 """Adapting a denoiser to a user's microscope from their noisy images alone (``semray adapt``).
 
 * :mod:`semray.adapt.inputs`: reading and checking the images, frame averaging, tiles, user shards;
-* :mod:`semray.adapt.plan`: the fine-tune's TrainConfig (the one call into training's config);
 * :mod:`semray.adapt.select`: choosing a checkpoint without clean images (structN2V / Noise2Noise scores);
 * :mod:`semray.adapt.report`: no-reference statistics, figures and the HTML page;
 * :mod:`semray.adapt.driver`: :func:`run_adapt`, the one driver over all of the above.
 
-The names below are imported lazily, so the config (which checks its ``train`` overrides through
-:mod:`semray.adapt.plan`) does not pull in torch.
+The fine-tune's TrainConfig is built by :func:`semray.config.adapt.build_train_config` (config layer,
+torch-free). The names below are imported lazily, so importing the package does not pull in torch.
 """
 
 from __future__ import annotations

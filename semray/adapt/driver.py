@@ -253,7 +253,7 @@ def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tupl
 def _fine_tune(
     cfg: AdaptConfig, calib: Any, data: _Data, user: Path, synth: Path, stage: Path
 ) -> tuple[Any, Any]:
-    from semray.adapt.plan import build_train_config
+    from semray.config.adapt import build_train_config
     from semray.train.runner import train
 
     side = min([min(t.size_y, t.size_x) for t in data.tiles] + [cfg.synthetic.size_px])
