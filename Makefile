@@ -30,14 +30,16 @@ install-browser:
 demo: install
 	$(BIN)/semray demo --out outputs/demo
 
-## The full test suite (what CI runs): everything, then the Ray Tune job end-to-end tests (own Ray head).
+## The full test suite (what CI runs): everything, then the job-submission end-to-end tests (Tune search, adapt; own Ray head each).
 test: install install-browser
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q -m tune_e2e tests/test_tune.py
+	$(BIN)/python -m pytest -q -m tune_e2e tests/test_adapt.py
 
-## The Ray Tune job end-to-end tests (own Ray head, several minutes; see issue 5).
+## The job-submission end-to-end tests (own Ray head each; several minutes): the Tune search, then adapt.
 test-tune-e2e: install
 	$(BIN)/python -m pytest -q -m tune_e2e tests/test_tune.py
+	$(BIN)/python -m pytest -q -m tune_e2e tests/test_adapt.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not tune_e2e" tests
