@@ -190,21 +190,6 @@ def bar_rows(image: np.ndarray, options: FileOptions) -> int:
     return int(options.keep_bottom_rows)
 
 
-def denoise_keeping_bar(denoiser: Denoiser, image: np.ndarray, rows: int) -> np.ndarray:
-    """Denoise float32 (H, W) [0, 1] ``image`` but its bottom ``rows``, which are copied through.
-
-    Only the rows above the bar reach the denoiser, so the bar's text cannot bleed into the image.
-    """
-    h = image.shape[0]
-    if rows <= 0:
-        return denoiser(image)
-    if rows >= h:
-        raise ValueError(f"keeping {rows} data-bar rows leaves nothing to denoise in an image of {h} rows")
-    out = image.copy()
-    out[: h - rows] = denoiser(image[: h - rows])
-    return out
-
-
 def _denoised_pages(
     item: InputFile, denoiser: Denoiser, options: FileOptions, row: dict[str, Any]
 ) -> Iterator[tuple[np.ndarray, ImageMeta]]:
@@ -230,7 +215,7 @@ def _denoised_pages(
             rows = bar_rows(image, options)
             if options.noise_estimate:
                 sigmas["noise_sigma_in"].append(noise_estimate(image[: h - rows]))
-            out = denoise_keeping_bar(denoiser, image, rows)
+            out = denoiser(image, keep_bottom_rows=rows)  # the bar never reaches the network
             if options.noise_estimate:
                 sigmas["noise_sigma_out"].append(noise_estimate(out[: h - rows]))
         except Exception as e:

@@ -487,8 +487,13 @@ class Denoiser:
             s["classical_params"] = dict(sorted(self.classical_params.items()))
         return s
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Denoise float32 (H, W) [0, 1] -> float32 (H, W) [0, 1]."""
+    def __call__(self, image: np.ndarray, keep_bottom_rows: int | None = None) -> np.ndarray:
+        """Denoise float32 (H, W) [0, 1] -> float32 (H, W) [0, 1].
+
+        ``keep_bottom_rows`` overrides the denoiser's own for this call (the batch job decides each
+        page's data bar): those rows are copied through and never reach the network or filter.
+        """
+        bar = self.keep_bottom_rows if keep_bottom_rows is None else int(keep_bottom_rows)
         if self.net is not None:
             return tiled_denoise(
                 self.net,
@@ -499,18 +504,17 @@ class Denoiser:
                 device=self.device,
                 amp=self.amp,
                 channels_last=self.channels_last,
-                keep_bottom_rows=self.keep_bottom_rows,
+                keep_bottom_rows=bar,
             )
         from semray.classical import denoise_classical
 
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2 or image.size == 0:
             raise ValueError(f"expected a non-empty (H, W) image, got shape {image.shape}")
-        top = image.shape[0] - self.keep_bottom_rows
+        top = image.shape[0] - bar
         if top <= 0:
             raise ValueError(
-                f"keep_bottom_rows={self.keep_bottom_rows} leaves nothing to denoise in an image of "
-                f"{image.shape[0]} rows"
+                f"keep_bottom_rows={bar} leaves nothing to denoise in an image of {image.shape[0]} rows"
             )
         out = image.copy()
         out[:top] = denoise_classical(image[:top], self.method, **self.classical_params)
