@@ -428,6 +428,12 @@ def iter_pages(
             yield _decode_tiff_page(tf, path, index, max_pixels)
 
 
+def page_name(path: str | Path, page: int, pages: int) -> str:
+    """How a report names one image of a file: the path, or ``path[page k]`` (k from 0) for a page of a
+    multipage file (``meta.page`` / ``meta.pages`` of :func:`iter_pages`)."""
+    return str(path) if pages <= 1 else f"{path}[page {page}]"
+
+
 def count_pages(path: str | Path) -> int:
     """Number of pages of a TIFF (1 for PNG and JPEG)."""
     path, fmt = _existing(path)

@@ -74,11 +74,16 @@ class _Data:
 
     noisy: list[np.ndarray]
     proxies: list[np.ndarray]
-    names: list[str]
+    users: list[UserImage]
     tiles: list[Any]
     crops: np.ndarray
     crops2: np.ndarray | None = None
     shifts: list[list[float]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """One name per input image (a page of a multipage file is ``file.tif[page k]``)."""
+        return [u.name for u in self.users]
 
 
 def _stage_for(out_dir: Path) -> Path:
@@ -143,7 +148,7 @@ def _start_parent(cfg: AdaptConfig, users: Sequence[UserImage]) -> tuple[Any, st
     rid = run.info.run_id
     log_params(flatten(cfg) | {"n_images": len(users)}, rid, client)
     client.log_text(rid, dump_yaml(cfg), "config/adapt.yaml")
-    client.log_text(rid, "\n".join(str(u.path) for u in users) + "\n", "inputs.txt")
+    client.log_text(rid, "\n".join(u.name for u in users) + "\n", "inputs.txt")
     return client, rid
 
 
@@ -203,19 +208,23 @@ def _metric(key: str, value: float) -> Any:
 
 
 def _calibrate(users: Sequence[UserImage], out: Path, cfg: AdaptConfig) -> Any:
-    """Fit the noise model (semray.calibrate's public API); its YAML, JSON and figure go to ``out``."""
+    """Fit the noise model (semray.calibrate's public API); its YAML, JSON and figure go to ``out``.
+
+    ``run_calibration`` reads every page of each file (as :func:`read_inputs` does) and checks closure on
+    the first four images (``result.closure``, :mod:`semray.calibrate.closure`): the report uses that.
+    """
     from semray.calibrate import run_calibration
 
     out.mkdir(parents=True, exist_ok=True)
+    files = list(dict.fromkeys(u.path for u in users))  # the pages of one file are read by its one entry
     try:
-        return run_calibration([u.path for u in users], out / "noise.yaml")
+        return run_calibration(files, out / "noise.yaml")
     except ValueError as e:
-        names = ", ".join(str(u.path) for u in users)
+        names = ", ".join(map(str, files))
         raise AdaptInputError(f"calibration failed on {names}: {e}") from e
 
 
 def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
-    names = [str(u.path) for u in users]
     if cfg.frames:
         frames, mean, shifts = average_frames([u.image for u in users])
         tiles = split_tiles([mean.shape], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
@@ -223,7 +232,7 @@ def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
         crops = held_back_crops([frames[0]], tiles, s.crop_px, s.max_crops)
         crops2 = held_back_crops([frames[1]], tiles, s.crop_px, s.max_crops)
         # one proxy (the mean) for all frames: its provenance is the first frame, the reference of registration
-        return _Data(frames, [mean], names, tiles, crops, crops2, shifts)
+        return _Data(frames, [mean], list(users), tiles, crops, crops2, shifts)
     from semray.infer import Denoiser
 
     den = Denoiser(model=cfg.init, device="cpu")
@@ -231,7 +240,7 @@ def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
     noisy = [u.image for u in users]
     tiles = split_tiles([p.shape for p in proxies], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
     crops = held_back_crops(noisy, tiles, cfg.selection.crop_px, cfg.selection.max_crops)
-    return _Data(noisy, proxies, names, tiles, crops)
+    return _Data(noisy, proxies, list(users), tiles, crops)
 
 
 def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tuple[Path, Path]:
@@ -239,7 +248,7 @@ def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tupl
     from semray.config.data import DatasetConfig
     from semray.data import synthesize_shards
 
-    write_user_shards(user_records(data.proxies, data.names, data.tiles), root / "user")
+    write_user_shards(user_records(data.proxies, data.users, data.tiles), root / "user")
     s = cfg.synthetic
     dcfg = load_config(
         DatasetConfig,
@@ -278,6 +287,8 @@ def _half_length(cfg: AdaptConfig, calib: Any) -> int:
 
 
 def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
+    """Per-crop scores of the init model and every checkpoint; choose on half the crops, compare on the
+    other half (:func:`semray.adapt.select.select`)."""
     from semray.adapt.select import checkpoint_candidates, make_masks, n2n_score, select, structn2v_score
     from semray.models.resolve import resolve_model
 
@@ -285,7 +296,7 @@ def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
     if data.crops2 is not None:
         second = data.crops2
 
-        def score(net: Any) -> float:
+        def score(net: Any) -> np.ndarray:
             return n2n_score(net, data.crops, second)
 
         criterion = "n2n"
@@ -293,7 +304,7 @@ def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
         s = cfg.selection
         masks = make_masks(data.crops, s.fraction, s.repeats, _half_length(cfg, calib), s.seed)
 
-        def score(net: Any) -> float:
+        def score(net: Any) -> np.ndarray:
             return structn2v_score(net, data.crops, masks)
 
         criterion = "structn2v"
@@ -310,7 +321,7 @@ def _card_extra(
     extra["adapt"] = {
         "selection": selection.as_dict(),
         "noise_config": calib.noise_config.model_dump(mode="json"),
-        "images": [str(u.path) for u in users],
+        "images": [u.name for u in users],
     }
     return extra
 
@@ -322,7 +333,7 @@ def _export_model(selection: Any, out: Path, extra: dict[str, Any]) -> Path:
     src = selection.model_dirs[selection.chosen_epoch]
     shutil.copytree(src, out)
     card = json.loads((out / CARD_FILE).read_text())
-    card.update(extra)
+    card.update(_finite(extra))  # NaN (e.g. an SE from one crop) is not JSON
     card["description"] = f"semray adapt: {card.get('description', '')} (chosen without clean images)"
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return out
@@ -354,15 +365,20 @@ def _report(
     reg: dict[str, Any],
     stage: Path,
 ) -> dict[str, Any]:
-    """Shipped vs adapted on the user's images without clean references: report.json, report.html, figures/."""
-    from semray.adapt import report as rp
+    """Shipped vs adapted on the user's images without clean references: report.json, report.html, figures/.
 
-    per_image, shown, closures = _per_image_stats(cfg, calib, data, model_dir)
+    The closure section is the calibration's own (``calib.closure``, :mod:`semray.calibrate.closure`:
+    real images and look-alikes synthesised from the fit, measured alike on flat patches).
+    """
+    from semray.adapt import report as rp
+    from semray.calibrate.closure import closure_warnings
+
+    per_image, shown = _per_image_stats(cfg, data, model_dir)
     summary = rp.summarise(per_image)
-    sel = selection.as_dict() | {"chosen_score": selection.chosen["score"]}
+    sel = selection.as_dict()
     figs = stage / FIG_DIR
     figs.mkdir(parents=True, exist_ok=True)
-    noise_acf = closures[0]["acf_synth"] if closures else None
+    noise_acf = _fitted_noise_acf(calib, data, cfg)
     figures = {
         "side-by-side crops": _crops_figure(shown, cfg.report.crop_px, figs / "crops.png"),
         "residual autocorrelation": rp.acf_figure(summary, noise_acf, figs / "residual_acf.png"),
@@ -370,18 +386,18 @@ def _report(
     }
     calib_png = stage / CALIB_DIR / "noise.png"
     if calib_png.is_file():
-        figures["calibration (real vs synthetic from the fit)"] = calib_png
+        figures["calibration closure (real vs synthetic from the fit)"] = calib_png
     report = {
         "images": data.names[: len(per_image)],
         "per_image": per_image,
         "summary": summary,
         "selection": sel,
-        "closure": closures,
+        "verdict": _verdict(selection),
+        "closure": dict(calib.closure),
+        "closure_warnings": closure_warnings(calib.closure),
         "calibration_summary": _calibration_summary(calib),
         "model": {"dir": MODEL_DIR, "registry_uri": reg.get("registry_uri"), "version": reg.get("version")},
         "frames": {"n": len(data.noisy), "shifts": data.shifts} if data.shifts is not None else None,
-        "verdict": _verdict(selection),
-        "closure_warnings": rp.closure_warnings(closures),
     }
     (stage / "report.json").write_text(json.dumps(_finite(report), indent=2))
     rp.write_html(
@@ -390,17 +406,28 @@ def _report(
     return report
 
 
+def _fitted_noise_acf(calib: Any, data: _Data, cfg: AdaptConfig) -> dict[str, list[float]]:
+    """Autocorrelation of the fitted noise alone (synthesised on the first proxy, minus the proxy), at lags
+    1..``report.max_lag``, measured like the models' residuals: what a denoiser that removes exactly the
+    fitted noise would leave. A reference for the residual figure, not a closure (that is the calibration's)."""
+    from semray.adapt import report as rp
+    from semray.noise import synthesize
+
+    proxy = data.proxies[0]
+    synth, _ = synthesize(proxy, calib.noise_config, np.random.default_rng([cfg.seed, 5]))
+    return rp.residual_acf(np.asarray(synth, np.float64) - proxy, cfg.report.max_lag)
+
+
 def _per_image_stats(
-    cfg: AdaptConfig, calib: Any, data: _Data, model_dir: Path
-) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, ...]], list[dict[str, Any]]]:
-    """Denoise the first ``report.max_images`` inputs with both models; statistics, crops, closure."""
+    cfg: AdaptConfig, data: _Data, model_dir: Path
+) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, ...]]]:
+    """Denoise the first ``report.max_images`` inputs with both models: statistics, and crops of three."""
     from semray.adapt import report as rp
     from semray.infer import Denoiser
-    from semray.noise import synthesize
 
     shipped = Denoiser(model=cfg.init, device="cpu")
     adapted = Denoiser(model=str(model_dir), device="cpu")
-    rows, shown, closures = [], [], []
+    rows, shown = [], []
     for i, noisy in enumerate(data.noisy[: cfg.report.max_images]):
         # without --frames the proxies *are* the shipped model's outputs: no need to denoise again
         d_s = shipped(noisy) if data.shifts is not None else data.proxies[i]
@@ -415,11 +442,7 @@ def _per_image_stats(
         )
         if len(shown) < 3:
             shown.append((noisy, d_s, d_a))
-        if len(closures) < 3:
-            proxy = data.proxies[min(i, len(data.proxies) - 1)]
-            synth, _ = synthesize(proxy, calib.noise_config, np.random.default_rng([cfg.seed, 5, i]))
-            closures.append(rp.closure(noisy, proxy, synth) | {"image": rows[-1]["image"]})
-    return rows, shown, closures
+    return rows, shown
 
 
 def _crops_figure(shown: Sequence[tuple[np.ndarray, ...]], crop_px: int, out_png: Path) -> Path:
@@ -438,7 +461,7 @@ def _crops_figure(shown: Sequence[tuple[np.ndarray, ...]], crop_px: int, out_png
 
 
 def _calibration_summary(calib: Any) -> dict[str, Any]:
-    """The headline estimates and warnings, plus the calibration's own closure residuals when it has them."""
+    """The headline estimates and the calibration's warnings (its closure is the report's ``closure``)."""
     keep = ("dose_e_per_px", "read_noise_sigma", "scan_line_offset_sigma", "fast_axis_noise_corr",
             "slow_axis_noise_corr", "line_jitter_px")  # fmt: skip
     est = {
@@ -446,26 +469,37 @@ def _calibration_summary(calib: Any) -> dict[str, Any]:
         for k, v in calib.estimates.items()
         if k in keep
     }
-    out = {"estimates": est, "warnings": list(calib.warnings)}
-    own = calib.to_json().get("closure")  # recorded by newer calibrations (issue 20, item 2)
-    if own is not None:
-        out["closure"] = own
-    return out
+    return {"estimates": est, "warnings": list(calib.warnings)}
 
 
 def _verdict(selection: Any) -> str:
-    gain = selection.improvement
-    rel = gain / selection.init_score if selection.init_score else float("nan")
-    if gain > 0:
-        return (
-            f"adapted model estimated better on your images: {selection.criterion} score {selection.chosen['score']:.5g} "
-            f"vs {selection.init_score:.5g} for the init model ({100 * rel:.1f} % lower; the difference estimates "
-            "the reduction in squared error against the unseen clean image)"
-        )
-    return (
-        f"adaptation did NOT improve the no-reference score ({selection.chosen['score']:.5g} vs "
-        f"{selection.init_score:.5g} for the init model): keep the init model for these images"
+    """One sentence: better / level / worse from the paired comparison, with the difference and its SE."""
+    from semray.adapt.select import VERDICT_SE
+
+    c = selection.comparison
+    rel = c.improvement / c.init_score if c.init_score else float("nan")
+    lo, hi = c.improvement - VERDICT_SE * c.se, c.improvement + VERDICT_SE * c.se
+    crops = (
+        f"{c.n_crops} held-back crops not used to choose the epoch"
+        if c.independent
+        else f"the same {c.n_crops} held-back crop(s) that chose the epoch (too few to split; biased in the "
+        "adapted model's favour)"
     )
+    numbers = (
+        f"{selection.criterion} score {c.chosen_score:.5g} vs {c.init_score:.5g} for the init model, "
+        f"improvement {c.improvement:.3g} +- {c.se:.2g} (SE; {100 * rel:+.1f} % of the init score; "
+        f"+-{VERDICT_SE:g} SE: [{lo:.3g}, {hi:.3g}]) on {crops}"
+    )
+    if c.verdict == "better":
+        return f"adapted model estimated better on your images: {numbers}"
+    if c.verdict == "level":
+        return (
+            f"adapted and init model level (within noise): {numbers}; no measurable gain, so keep the init "
+            "model for these images"
+        )
+    if c.verdict == "worse":
+        return f"adapted model estimated WORSE than the init model: {numbers}; keep the init model for these images"
+    return f"cannot tell whether adaptation helped (no standard error from {c.n_crops} crop): {numbers}"
 
 
 def _finite(v: Any) -> Any:
@@ -491,6 +525,8 @@ def _log_parent_summary(
         "selfsup_score_adapted": sel["chosen_score"],
         "chosen_epoch": sel["chosen_epoch"],
         "gap_db_to_best_synthetic": sel["gap_db_to_best_synthetic"],
+        "selfsup_improvement": sel["comparison"]["improvement"],
+        "selfsup_improvement_se": sel["comparison"]["improvement_se"],
     }
     for m in ("shipped", "adapted"):
         metrics[f"noise_sigma_left_{m}"] = s[m]["noise_sigma_left"]
@@ -499,4 +535,5 @@ def _log_parent_summary(
         if v is not None and math.isfinite(float(v)):
             client.log_metric(parent, k, float(v))
     client.set_tag(parent, "semray.child_run_id", child or "")
+    client.set_tag(parent, "semray.verdict", sel["comparison"]["verdict"])
     client.set_tag(parent, "semray.registered_model", reg.get("registry_uri") or "")

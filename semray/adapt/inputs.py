@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from semray.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, write_shard
+from semray.io import IMAGE_SUFFIXES, ImageReadError, iter_pages, list_images, page_name, write_shard
 
 #: ``pattern`` column of the user-content shards.
 USER_PATTERN = "user"
@@ -26,11 +26,19 @@ class AdaptInputError(ValueError):
 
 @dataclass
 class UserImage:
-    """One input image: its file, float32 (H, W) pixels in [0, 1], and the file's dtype."""
+    """One input image: its file, float32 (H, W) pixels in [0, 1], the file's dtype, and which page of
+    the file it is (``page`` from 0 of ``pages``; every page of a multipage TIFF is an image of its own)."""
 
     path: Path
     image: np.ndarray
     dtype: str
+    page: int = 0
+    pages: int = 1
+
+    @property
+    def name(self) -> str:
+        """How reports name it: the path, or ``path[page k]`` (k from 0) for a page of a multipage file."""
+        return page_name(self.path, self.page, self.pages)
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,14 @@ def _list(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
 def read_inputs(inputs: Sequence[str | Path], min_side_px: int, frames: bool) -> list[UserImage]:
     """Read every image under ``inputs`` (files or folders) and check they can be adapted to together.
 
-    Refused (all problems in one message, each naming its files): missing or unreadable files, images
-    with a side under ``min_side_px``, constant images, files of different dtypes (8-bit and 16-bit grey levels are
-    different intensity scales, which one noise model cannot describe), and with ``frames`` images of
-    different shapes (repeated scans of one field have one size) or fewer than two.
+    Every page of a multipage TIFF is an image of its own (:func:`semray.io.iter_pages`), named
+    ``file.tif[page k]`` (:attr:`UserImage.name`), with ``frames`` a frame of its own.
+
+    Refused (all problems in one message, each naming its files and pages): missing or unreadable files
+    or pages, reduced-resolution preview pages (thumbnails), images with a side under ``min_side_px``,
+    constant images, files of different dtypes (8-bit and 16-bit grey levels are different intensity
+    scales, which one noise model cannot describe), and with ``frames`` images of different shapes
+    (repeated scans of one field have one size) or fewer than two.
 
     Raises:
         AdaptInputError: any of the above.
@@ -79,21 +91,14 @@ def read_inputs(inputs: Sequence[str | Path], min_side_px: int, frames: bool) ->
     images: list[UserImage] = []
     for p in paths:
         try:
-            img, meta = read_image(p)
-        except ImageReadError as e:
+            for img, meta in iter_pages(p):
+                u = UserImage(p, img, meta.dtype, meta.page, meta.pages)
+                if problem := _unusable(u, meta.subfiletype, min_side_px):
+                    problems.append(problem)
+                else:
+                    images.append(u)
+        except ImageReadError as e:  # names the file (and the page); the pages before it are kept
             problems.append(f"unreadable: {e}")
-            continue
-        if min(img.shape) < min_side_px:
-            problems.append(
-                f"{p}: {img.shape[0]}x{img.shape[1]} px is too small (each side must be >= {min_side_px} px)"
-            )
-            continue
-        if float(img.max()) == float(img.min()):
-            problems.append(
-                f"{p}: constant image (value {float(img.min()):.4g}): no noise to calibrate, nothing to denoise"
-            )
-            continue
-        images.append(UserImage(p, img, meta.dtype))
     problems += _mixed(images, "dtype", lambda u: u.dtype, "grey-level scales cannot share one noise model")
     if frames:
         problems += _mixed(
@@ -108,10 +113,26 @@ def read_inputs(inputs: Sequence[str | Path], min_side_px: int, frames: bool) ->
     return images
 
 
+def _unusable(u: UserImage, subfiletype: int, min_side_px: int) -> str | None:
+    """Why one page cannot be adapted to (a thumbnail, too small, constant), naming it; None when it can."""
+    if subfiletype & 1:  # TIFF NewSubfileType bit 0, as semray ingest skips them
+        return (
+            f"{u.name}: reduced-resolution preview page (thumbnail): its noise is averaged down, not your "
+            "detector's; save the full-resolution pages without it"
+        )
+    h, w = u.image.shape
+    if min(h, w) < min_side_px:
+        return f"{u.name}: {h}x{w} px is too small (each side must be >= {min_side_px} px)"
+    lo, hi = float(u.image.min()), float(u.image.max())
+    if lo == hi:
+        return f"{u.name}: constant image (value {lo:.4g}): no noise to calibrate, nothing to denoise"
+    return None
+
+
 def _mixed(images: Sequence[UserImage], what: str, key: Any, why: str) -> list[str]:
     groups: dict[str, list[str]] = {}
     for u in images:
-        groups.setdefault(key(u), []).append(str(u.path))
+        groups.setdefault(key(u), []).append(u.name)
     if len(groups) <= 1:
         return []
     listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(groups.items()))
@@ -178,12 +199,12 @@ def split_tiles(
 
 
 def user_records(
-    proxies: Sequence[np.ndarray], names: Sequence[str], tiles: Sequence[Tile]
+    proxies: Sequence[np.ndarray], sources: Sequence[UserImage], tiles: Sequence[Tile]
 ) -> list[dict[str, Any]]:
     """Shard rows (semray.io schema, like ingested clean references) of every tile of the clean proxies.
 
     Nobody labelled defects, so ``defect_mask`` is empty and ``defect_mask_known`` False; provenance
-    columns say which file and window each row came from.
+    columns say which file, page and window each row came from (``sources[tile.index]``).
     """
     rows = []
     for t in tiles:
@@ -199,7 +220,8 @@ def user_records(
                 "n_defects": -1,
                 "defect_types": "",
                 "source": USER_PATTERN,
-                "source_path": names[t.index],
+                "source_path": str(sources[t.index].path),
+                "page": sources[t.index].page,
                 "crop_y": t.y,
                 "crop_x": t.x,
             }

@@ -8,12 +8,17 @@ Statistics (pure numpy, each of float32 (H, W) images in [0, 1]):
   the noise; on a denoised output the noise left.
 * :func:`residual_acf`: normalised autocorrelation of the method residual ``noisy - denoised`` at lags
   1..L along x and y. A denoiser that removes only noise leaves a residual with the *noise's*
-  autocorrelation (the closure's synthetic residual shows what that is); excess correlation, at long
-  lags especially, is signal (edges, texture) that was removed.
+  autocorrelation (the figure shows the fitted noise's own, measured the same way); less correlation
+  means correlated noise was left in the output, excess correlation, at long lags especially, signal
+  (edges, texture) that was removed.
 * :func:`signal_leak`: correlation between the residual and the high-pass of the denoised image; ~0
   when only noise was removed, > 0 when edges were blurred away.
-* :func:`closure`: the fitted noise re-applied to the clean proxy against the real noisy image: the
-  residual's standard deviation per intensity bin and its autocorrelation at lags 1-3, real vs synthetic.
+
+Whether the fitted noise reproduces the real one (closure) is not measured here: the report shows the
+calibration's own closure (:mod:`semray.calibrate.closure`), which measures the real images and
+look-alikes synthesised from the fit alike. (Comparing ``noisy - proxy`` with ``synthetic - proxy``, as
+this module once did, is biased: the proxy is the shipped model's output, which keeps part of a
+correlated noise, so the real residual has less variance and correlation than the real noise.)
 """
 
 from __future__ import annotations
@@ -64,61 +69,6 @@ def signal_leak(residual: np.ndarray, denoised: np.ndarray, sigma_px: float = 2.
     return float(np.corrcoef(r, hp)[0, 1])
 
 
-def closure(noisy: np.ndarray, proxy: np.ndarray, synthetic: np.ndarray, bins: int = 8) -> dict[str, Any]:
-    """Real residual ``noisy - proxy`` against synthetic ``synthetic - proxy`` (the fitted noise on the proxy).
-
-    Returns:
-        ``bin_centres``, ``std_real``, ``std_synth`` and ``std_ratio`` (synth / real) per intensity bin of
-        the proxy (bins with < 64 pixels are NaN), and ``acf_real`` / ``acf_synth`` at lags 1-3 with
-        ``acf_abs_diff``: the largest absolute difference over both axes and all three lags.
-    """
-    p = np.asarray(proxy, dtype=np.float64)
-    rr = np.asarray(noisy, dtype=np.float64) - p
-    rs = np.asarray(synthetic, dtype=np.float64) - p
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
-    sr, ss = [], []
-    for b in range(bins):
-        sel = idx == b
-        ok = sel.sum() >= 64
-        sr.append(float(rr[sel].std()) if ok else float("nan"))
-        ss.append(float(rs[sel].std()) if ok else float("nan"))
-    ar, asy = residual_acf(rr, 3), residual_acf(rs, 3)
-    diff = max(abs(a - b) for ax in ("x", "y") for a, b in zip(ar[ax], asy[ax], strict=True))
-    return {
-        "bin_centres": ((edges[:-1] + edges[1:]) / 2).tolist(),
-        "std_real": sr,
-        "std_synth": ss,
-        "std_ratio": [s / r if r and np.isfinite(r) else float("nan") for s, r in zip(ss, sr, strict=True)],
-        "acf_real": ar,
-        "acf_synth": asy,
-        "acf_abs_diff": float(diff),
-    }
-
-
-def closure_warnings(
-    closures: Sequence[dict[str, Any]], acf_tol: float = 0.05, std_tol: float = 0.1
-) -> list[str]:
-    """What the fitted noise fails to reproduce (the issue's closure targets: residual std within 10 % per
-    intensity bin, autocorrelation within 0.05 at lags 1-3): the training pairs then carry another noise
-    than the user's, and the adapted model learns that other noise."""
-    out = []
-    for c in closures:
-        if c["acf_abs_diff"] > acf_tol:
-            out.append(
-                f"{c.get('image', '?')}: the fitted noise's residual autocorrelation differs from the real one by "
-                f"{c['acf_abs_diff']:.2f} (lags 1-3; real lag-1 x {c['acf_real']['x'][0]:.2f}, fitted "
-                f"{c['acf_synth']['x'][0]:.2f})"
-            )
-        bad = [r for r in c["std_ratio"] if np.isfinite(r) and abs(r - 1) > std_tol]
-        if bad:
-            worst = max(bad, key=lambda r: abs(r - 1))
-            out.append(
-                f"{c.get('image', '?')}: fitted/real residual std off by up to {100 * (worst - 1):+.0f} % in an intensity bin"
-            )
-    return out
-
-
 def image_stats(noisy: np.ndarray, denoised: np.ndarray, max_lag: int) -> dict[str, Any]:
     """No-reference statistics of one (noisy, denoised) pair, float32 (H, W) in [0, 1] each."""
     r = np.asarray(noisy, dtype=np.float64) - denoised
@@ -155,7 +105,8 @@ def summarise(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def acf_figure(summary: dict[str, Any], noise_acf: dict[str, list[float]] | None, out_png: Path) -> Path:
-    """Residual autocorrelation along x and y, shipped vs adapted (and the fitted noise's own, if given)."""
+    """Residual autocorrelation along x and y, shipped vs adapted, and, if given, the fitted noise's own
+    (``{"x": [...], "y": [...]}`` at lags 1..L, :func:`residual_acf` of synthetic noise alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,9 +118,7 @@ def acf_figure(summary: dict[str, Any], noise_acf: dict[str, list[float]] | None
             acf = summary[model]["residual_acf"][axis]
             ax.plot(range(1, len(acf) + 1), acf, style, label=model)
         if noise_acf is not None:
-            ax.plot(
-                range(1, len(noise_acf[axis]) + 1), noise_acf[axis], "k--", label="fitted noise (closure)"
-            )
+            ax.plot(range(1, len(noise_acf[axis]) + 1), noise_acf[axis], "k--", label="fitted noise alone")
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xlabel(f"lag along {axis} (px)")
         ax.set_title(f"autocorrelation of noisy - denoised, {axis}")
@@ -211,7 +160,43 @@ def selection_figure(selection: dict[str, Any], out_png: Path) -> Path:
 
 
 def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
     return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _closure_html(closure: dict[str, Any], warnings: Sequence[str]) -> str:
+    """The calibration's closure (:func:`semray.calibrate.closure.closure_residuals`, real vs synthetic
+    look-alikes measured alike): headline errors against the targets, lag 1-3 autocorrelations, warnings."""
+    if not closure:
+        return "<h2>Calibration closure</h2><p>not computed</p>"
+    t = closure.get("targets", {})
+    mv, acf = closure.get("mv_rel_error_max"), closure.get("acf_abs_error_max")
+    head = (
+        f"<p>On {html.escape(', '.join(map(str, closure.get('images', []))))}: synthetic flat-patch noise "
+        f"variance off the real one by at most {_fmt(None if mv is None else 100 * mv)} % over the intensity "
+        f"bins (target {_fmt(100 * t.get('mv_rel_error', float('nan')))} %); noise autocorrelation off by at "
+        f"most {_fmt(acf)} at lags 1-3 (target {_fmt(t.get('acf_abs_error'))}).</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{k + 1}</td>"
+        + "".join(f"<td>{_fmt(closure.get(key, [None] * 3)[k])}</td>" for key in (
+            "acf_x_real", "acf_x_synthetic", "acf_y_real", "acf_y_synthetic"))
+        + "</tr>"
+        for k in range(3)
+    )  # fmt: skip
+    table = (
+        "<table><tr><th>lag</th><th>x real</th><th>x synthetic</th><th>y real</th><th>y synthetic</th></tr>"
+        f"{rows}</table>"
+    )
+    note = (
+        "<p>Autocorrelations of detrended flat-patch noise: the detrending biases both columns alike, so "
+        "compare real with synthetic, not with the residual figure.</p>"
+    )
+    warn = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    if warn:
+        warn = f"<p>The training noise differs from yours:</p><ul>{warn}</ul>"
+    return f"<h2>Calibration closure</h2>{head}{table}{note}{warn}"
 
 
 def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) -> Path:
@@ -230,8 +215,10 @@ def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) 
             s["shipped"]["signal_leak"],
             s["adapted"]["signal_leak"],
         ),
-        (f"{sel['criterion']} score on held-back crops", sel["init_score"], sel["chosen_score"]),
     ]
+    if (c := sel.get("comparison")) is not None:
+        where = "verdict crops" if c["independent_of_choice"] else "held-back crops"
+        rows.append((f"{sel['criterion']} score, {c['n_crops']} {where}", c["init_score"], c["chosen_score"]))
     table = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>" for n, a, b in rows
     )
@@ -240,9 +227,7 @@ def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) 
         for k, v in figures.items()
     )
     verdict = html.escape(report["verdict"])
-    warn = "".join(f"<li>{html.escape(w)}</li>" for w in report.get("closure_warnings", []))
-    if warn:
-        warn = f"<p>Calibration closure: the training noise differs from yours:</p><ul>{warn}</ul>"
+    closure = _closure_html(report.get("closure") or {}, report.get("closure_warnings", []))
     page = (
         "<!doctype html><meta charset='utf-8'><title>semray adapt report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:4px 10px;"
@@ -252,10 +237,11 @@ def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) 
         f"checkpoint chosen without clean images: epoch {sel['chosen_epoch']} (best by synthetic-pair "
         f"val_psnr: epoch {sel['best_synthetic_epoch']}, {sel['gap_db_to_best_synthetic']:.2f} dB above the "
         "chosen one).</p>"
-        f"<table><tr><th></th><th>shipped</th><th>adapted</th></tr>{table}</table>{warn}"
-        "<p>Lower score = lower estimated squared error against the (unseen) clean image; residual "
-        "autocorrelation above the fitted noise's own means signal was removed.</p>"
-        f"{imgs}<pre>{html.escape(json.dumps(report['calibration_summary'], indent=2))}</pre>"
+        f"<table><tr><th></th><th>shipped</th><th>adapted</th></tr>{table}</table>"
+        "<p>Lower score = lower estimated squared error against the (unseen) clean image; the verdict "
+        "needs the paired difference to exceed 2 standard errors. Residual autocorrelation above the "
+        "fitted noise's own means signal was removed, below it correlated noise was left.</p>"
+        f"{closure}{imgs}<pre>{html.escape(json.dumps(report['calibration_summary'], indent=2))}</pre>"
     )
     out_html.write_text(page)
     return out_html

@@ -8,7 +8,8 @@ alike (:func:`noise_statistics`): flat-patch variance per intensity bin (bins by
 same edges for both), lag 0-3 noise autocorrelation along x and y (detrended flat-patch residuals,
 :mod:`semray.calibrate.correlation`), the row-mean spectrum, the censored fractions at the window's
 ends and the charging asymmetry. :func:`closure_residuals` compares them against the targets of
-issue 20: variance within 10 % in every bin, autocorrelation within 0.05 at lags 1-3.
+issue 20: variance within 10 % in every bin, autocorrelation within 0.05 at lags 1-3;
+:func:`closure_warnings` says in words where they are missed (``semray adapt``'s report shows them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "NoiseStatistics",
     "closure",
     "closure_residuals",
+    "closure_warnings",
     "noise_statistics",
     "pseudo_clean",
     "synthetic_lookalikes",
@@ -218,3 +220,41 @@ def closure(
     real_stats = noise_statistics(images, cfg, model=model, window=(lo, hi))
     synth_stats = noise_statistics(synth, cfg, real_stats.mv_edges, model, (lo, hi))
     return real_stats, synth_stats, synth, closure_residuals(real_stats, synth_stats)
+
+
+def _num(v: Any) -> float:
+    """A residual's value as a float (None, as JSON writes NaN, is NaN)."""
+    return math.nan if v is None else float(v)
+
+
+def closure_warnings(residuals: dict[str, Any]) -> list[str]:
+    """Where the synthetic look-alikes miss the closure targets, in words: the worst intensity bin of the
+    variance (beyond :data:`MV_TARGET`) and the worst lag of the autocorrelation (beyond
+    :data:`ACF_TARGET`), each with the real and synthetic values. Empty when both are met or unmeasured.
+
+    Args:
+        residuals: :func:`closure_residuals`' dict (or its JSON form, None for NaN).
+    """
+    out = []
+    rel = np.array([_num(v) for v in residuals.get("mv_rel_error", [])])
+    if rel.size and np.isfinite(rel).any() and np.nanmax(np.abs(rel)) > MV_TARGET:
+        k = int(np.nanargmax(np.abs(rel)))
+        level = _num(residuals["mv_bin_mean"][k])
+        out.append(
+            f"synthetic noise variance {100 * rel[k]:+.0f} % off the real one at intensity {level:.3g} "
+            f"(flat patches; target within {100 * MV_TARGET:.0f} % in every bin)"
+        )
+    worst: tuple[float, str, int, float, float] | None = None
+    for axis in ("x", "y"):
+        real = [_num(v) for v in residuals.get(f"acf_{axis}_real", [])]
+        synth = [_num(v) for v in residuals.get(f"acf_{axis}_synthetic", [])]
+        for lag, (r, s) in enumerate(zip(real, synth, strict=True), start=1):
+            if math.isfinite(r - s) and (worst is None or abs(s - r) > worst[0]):
+                worst = (abs(s - r), axis, lag, r, s)
+    if worst is not None and worst[0] > ACF_TARGET:
+        _, axis, lag, r, s = worst
+        out.append(
+            f"noise autocorrelation along {axis} at lag {lag}: real {r:.3f}, synthetic {s:.3f} "
+            f"(target within {ACF_TARGET:g} at lags 1-3)"
+        )
+    return out

@@ -406,15 +406,15 @@ def calibrate(images: Sequence[np.ndarray], cfg: CalibrationConfig | None = None
 def _read_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[np.ndarray], list[str]]:
     """Every page of every image under ``inputs``: ``(files, images, one label per image)``; a clear
     error naming the file for a page that holds nothing to fit (constant, or under 16 x 16)."""
-    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images
+    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images, page_name
 
     paths = [p for src in inputs for p in list_images(src)]
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {[str(s) for s in inputs]}")
     images, labels = [], []
     for p in paths:
-        for k, (z, _) in enumerate(iter_pages(p)):  # every page of a multipage TIFF
-            where = f"{p}" if k == 0 else f"{p} (page {k})"
+        for z, meta in iter_pages(p):  # every page of a multipage TIFF
+            where = page_name(p, meta.page, meta.pages)
             if z.ndim != 2 or min(z.shape) < 16:
                 raise ValueError(
                     f"{where}: image of shape {z.shape} is too small to calibrate (need >= 16 x 16)"

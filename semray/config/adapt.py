@@ -95,7 +95,13 @@ class SelectionSection(StrictModel):
         4, ge=1, le=64, description="Independent mask draws per crop (more: lower variance)."
     )
     crop_px: int = Field(128, ge=32, le=1024, description="Side of the held-back noisy crops scored (px).")
-    max_crops: int = Field(64, ge=1, le=10_000, description="At most this many held-back crops are scored.")
+    max_crops: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="At most this many held-back crops are scored: every other one chooses the epoch, the "
+        "rest compare it with the init model (all of them for both below 4).",
+    )
     half_length: int | None = Field(
         None,
         ge=0,
