@@ -188,6 +188,64 @@ def psnr(clean: np.ndarray, denoised: np.ndarray) -> float:
     return float(10 * math.log10(1.0 / max(mse, 10 ** (-PSNR_MAX_DB / 10))))
 
 
+def affine_psnr(reference: np.ndarray, output: np.ndarray) -> tuple[float, float, float]:
+    """PSNR of ``output`` against ``reference`` after the best gain and offset: ``(psnr_db, a, b)``.
+
+    ``reference ~ a * output + b`` is fitted by least squares over all pixels (float64), then
+    :func:`psnr` of ``reference`` against ``a * output + b`` (data range 1, not clipped). For real
+    images scored against a frame average, where a denoiser and the average may differ in brightness
+    and contrast (charging, detector drift between scans) and plain PSNR would score that difference.
+    A constant ``output`` gets ``a = 0`` and ``b = mean(reference)``.
+
+    Args:
+        reference, output: ``(H, W)`` float images of one shape, nominally in [0, 1].
+    """
+    ref, out = _check_pair(reference, output, "output")
+    d = out - out.mean()
+    var = float(np.mean(d * d))
+    a = float(np.mean(d * (ref - ref.mean()))) / var if np.ptp(out) > 0 else 0.0
+    b = float(ref.mean()) - a * float(out.mean())
+    return psnr(ref, a * out + b), a, b
+
+
+def frame_pair_noise_variance(frames: Sequence[np.ndarray]) -> float:
+    """Per-frame noise variance of registered repeated scans: the mean over pairs of ``var(f_i - f_j) / 2``.
+
+    The signal cancels in each difference and independent noise adds, so this is the frames' mean
+    noise variance; misregistration and changes of the specimen between scans count as noise too.
+
+    Args:
+        frames: two or more ``(H, W)`` float images of one shape, registered onto each other.
+    """
+    if len(frames) < 2:
+        raise ValueError(f"frame_pair_noise_variance needs at least two frames, got {len(frames)}")
+    arrs = [_check_pair(frames[0], f, "frame")[1] for f in frames]
+    pairs = [(i, j) for i in range(len(arrs)) for j in range(i + 1, len(arrs))]
+    return float(np.mean([np.var(arrs[i] - arrs[j]) / 2.0 for i, j in pairs]))
+
+
+def noisy_reference_psnr_bound(frame_noise_var: float, n_averaged: int) -> float:
+    """The PSNR (dB, data range 1) that a perfect denoiser gets against an ``n_averaged``-frame average.
+
+    The average still carries noise of variance ``frame_noise_var / n_averaged``, independent of the
+    scored frame's, so even the clean image is that far from it: ``10 log10(n / frame_noise_var)``.
+    """
+    if frame_noise_var <= 0 or n_averaged < 1:
+        raise ValueError(f"need frame_noise_var > 0 and n_averaged >= 1, got {frame_noise_var}, {n_averaged}")
+    return float(10 * math.log10(n_averaged / frame_noise_var))
+
+
+def clean_psnr_estimate(psnr_vs_reference: float, reference_noise_var: float) -> float:
+    """PSNR against the clean image implied by a PSNR against a noisy reference (dB, data range 1).
+
+    The reference's noise is independent of the output's error, so its variance adds to the mean
+    squared error: ``mse_clean = 10**(-psnr / 10) - reference_noise_var``. NaN when that is not positive
+    (the output is within the reference's noise of it, so the estimate says nothing).
+    """
+    mse_clean = 10 ** (-psnr_vs_reference / 10) - reference_noise_var
+    return float(10 * math.log10(1.0 / mse_clean)) if mse_clean > 0 else float("nan")
+
+
 def ssim(clean: np.ndarray, denoised: np.ndarray, win_size: int = 11) -> float:
     """Structural similarity of two ``(H, W)`` images in [0, 1]; Gaussian window sigma 1.5, in [-1, 1]."""
     a, b = _check_pair(clean, denoised)

@@ -12,15 +12,19 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from semray.metrics import (
     PSNR_MAX_DB,
+    affine_psnr,
+    clean_psnr_estimate,
     compute_metrics,
     defect_contrast,
     defect_psnr,
     defect_recall,
     defect_region,
     edge_preservation,
+    frame_pair_noise_variance,
     gradient_correlation,
     ms_ssim,
     ms_ssim_torch,
+    noisy_reference_psnr_bound,
     psnr,
     psnr_torch,
     ssim,
@@ -292,3 +296,45 @@ def test_defect_psnr_scores_only_the_grown_defect_region():
     assert math.isnan(defect_psnr(clean, clean, np.zeros_like(mask)))
     with pytest.raises(ValueError, match="defect_mask shape"):
         defect_psnr(clean, clean, mask[:-1])
+
+
+# ------------------------------------------------------------------ scoring against a noisy reference
+def test_affine_psnr_removes_gain_and_offset_and_scores_the_rest() -> None:
+    """ref = 0.5 + 0.2 x + 0.01 n with x, n, 1 mutually orthogonal: the fit of out = 0.3 + 0.05 x is
+    exactly a = 4, b = -0.7 and leaves 0.01 n, mean square 1e-4, so 40 dB."""
+    yy, xx = np.mgrid[:32, :48]
+    x, n = (-1.0) ** (yy + xx), (-1.0) ** yy  # checkerboard and row stripes
+    ref, out = 0.5 + 0.2 * x + 0.01 * n, 0.3 + 0.05 * x
+    p, a, b = affine_psnr(ref, out)
+    assert a == pytest.approx(4.0) and b == pytest.approx(-0.7)
+    assert p == pytest.approx(40.0, abs=1e-9)
+    assert psnr(ref, out) < 20  # unfitted, the gain and offset dominate
+    assert affine_psnr(ref, 0.1 * ref - 0.02)[0] == PSNR_MAX_DB
+    assert affine_psnr(ref, np.full(ref.shape, 0.3))[1:] == pytest.approx((0.0, float(ref.mean())))
+    with pytest.raises(ValueError, match="same shape"):
+        affine_psnr(ref, out[:-1])
+
+
+def test_frame_pair_noise_variance_recovers_the_noise_of_repeated_scans() -> None:
+    clean = _lines()
+    frames = [clean + _noise(clean.shape, 0.02, seed) for seed in range(4)]
+    assert frame_pair_noise_variance(frames) == pytest.approx(0.02**2, rel=0.03)
+    assert frame_pair_noise_variance([clean, clean + 0.1]) == pytest.approx(0.0, abs=1e-15)  # offsets cancel
+    with pytest.raises(ValueError, match="at least two"):
+        frame_pair_noise_variance(frames[:1])
+
+
+def test_noisy_reference_bound_and_the_implied_clean_psnr() -> None:
+    assert noisy_reference_psnr_bound(1e-4, 1) == pytest.approx(40.0)
+    assert noisy_reference_psnr_bound(1e-4, 3) == pytest.approx(40.0 + 10 * math.log10(3))
+    with pytest.raises(ValueError):
+        noisy_reference_psnr_bound(0.0, 3)
+    # an output 1e-4 (MSE) from the clean image, scored against a reference with noise variance 1e-4
+    assert clean_psnr_estimate(10 * math.log10(1 / 2e-4), 1e-4) == pytest.approx(40.0)
+    assert math.isnan(clean_psnr_estimate(40.0, 1e-4))  # no closer to the reference than its own noise
+    clean = _lines()
+    ref = clean + _noise(clean.shape, 0.01 / math.sqrt(3), 1)  # a 3-frame average of sigma 0.01 frames
+    out = clean + _noise(clean.shape, 0.005, 2)
+    implied = clean_psnr_estimate(psnr(ref, out), 0.01**2 / 3)
+    assert implied == pytest.approx(psnr(clean, out), abs=0.3)
+    assert psnr(ref, clean) == pytest.approx(noisy_reference_psnr_bound(0.01**2, 3), abs=0.1)
