@@ -8,6 +8,7 @@ within 12.6 %. At dose 200 read noise is not measurable (SE > 100 %; reported as
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,7 @@ from semray.calibrate import (
     jitter_estimate,
     noise_config_from_estimates,
     quantization_grid,
+    row_noise_scale,
     uncharge,
     white_floor,
 )
@@ -296,6 +298,83 @@ def test_cli_reports_missing_images(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 # --------------------------------------------------------------------------------------------------
+# Row offsets under noise correlated along the fast axis (issue 20)
+# --------------------------------------------------------------------------------------------------
+
+
+def _adapt_domain(offset: float) -> list[np.ndarray]:
+    """benchmarks/adapt.py's domain (wafers + Gaussian noise sigma 0.1, AR(1) 0.5 along x, clipped), 4
+    images of 256 px, plus row offsets of sigma ``offset`` (clipped again)."""
+    path = Path(__file__).parents[1] / "benchmarks" / "adapt.py"
+    spec = importlib.util.spec_from_file_location("adapt_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, noisy = bench.domain_images(4, 256, 0.1, 0.5, seed=1)
+    rng = np.random.default_rng(12)
+    return [
+        np.clip(z + offset * rng.standard_normal((z.shape[0], 1)), 0, 1).astype(np.float32) for z in noisy
+    ]
+
+
+def _bandwidth_lot(offset: float) -> list[np.ndarray]:
+    """Our noise model at 1000 e-/px with its bandwidth component (lag-1 0.5 along x) and, for
+    ``offset > 0``, row offsets of that sigma; 4 wafers of 256 px."""
+    comps = ("shot", "detector_gain", "read_noise", "bandwidth") + (("scan_lines",) if offset else ())
+    extra = {"scan_line_offset_sigma": offset, "scan_line_gain_sigma": 0.0} if offset else {}
+    p = _params(*comps, read_noise_sigma=0.015, fast_axis_corr=0.5, slow_axis_corr=0.0, **extra)
+    return _noisy(_wafers(1), p, 2)
+
+
+@pytest.mark.parametrize("lot", [_adapt_domain, _bandwidth_lot], ids=["adapt-domain", "noise-model"])
+def test_row_offset_under_fast_axis_correlated_noise(lot) -> None:
+    """Before, the per-row noise floor counted the noise as white along x: with lag-1 0.5 a row mean
+    varies ~3x more, and 4 such images of 1024 px without any row offset read 0.0061 +- 0.00015,
+    detected and written into the NoiseConfig."""
+    if lot is _bandwidth_lot and "bandwidth" not in NoiseConfig.model_fields:
+        pytest.skip("NoiseConfig has no bandwidth component on this branch")
+    none = calibrate(lot(0.0))
+    o = none.estimates["scan_line_offset_sigma"]
+    print("no offsets:", o, none.estimates["fast_axis_noise_corr"])
+    assert not o.detected and not none.noise_config.scan_lines.enabled
+    some = calibrate(lot(0.01))
+    o = some.estimates["scan_line_offset_sigma"]
+    print("offset 0.01:", o, some.estimates["fast_axis_noise_corr"])
+    assert o.detected and o.value == pytest.approx(0.01, rel=0.2)
+
+
+def test_ar1_quadratic_is_the_variance_of_a_weighted_sum_of_ar1_noise() -> None:
+    from semray.calibrate.common import ar1_quadratic
+
+    u = np.random.default_rng(0).random((3, 40))
+    lag = np.abs(np.arange(40)[:, None] - np.arange(40)[None, :])
+    for rho in (0.0, 0.5, -0.4):
+        np.testing.assert_allclose(
+            ar1_quadratic(u, rho), np.einsum("ai,ij,aj->a", u, rho**lag, u), rtol=1e-12
+        )
+    # Monte Carlo: a mean of 256 AR(1) pixels at 0.5 varies (1 + rho) / (1 - rho) ~ 3x the white value.
+    x = lfilter([math.sqrt(0.75)], [1.0, -0.5], np.random.default_rng(1).standard_normal((4000, 356)), axis=1)
+    w = np.full(256, 1 / 256)
+    assert float(np.var(x[:, 100:] @ w)) == pytest.approx(float(ar1_quadratic(w, 0.5)), rel=0.06)
+    assert float(ar1_quadratic(w, 0.5)) == pytest.approx(3.0 / 256, rel=0.02)
+
+
+def test_row_noise_scale_measures_the_noise_not_the_offsets() -> None:
+    """Rows of AR(1) noise (lag-1 0.5) with large row offsets: the spread of row segments measures the
+    noise; 1 for the true model, ~3x for a white model, ~1/2 for a model with twice the variance."""
+    rng = np.random.default_rng(2)
+    e = lfilter([math.sqrt(0.75)], [1.0, -0.5], rng.standard_normal((1000, 300)), axis=1)[:, 44:]
+    e += 0.5 * rng.standard_normal((e.shape[0], 1))  # row offsets, 7x the row mean's noise
+    one = np.ones_like(e)
+    assert row_noise_scale(e, one, one, one, 0.5) == pytest.approx(1.0, abs=0.05)
+    # White model: 8 runs of 32 px; a mean of n AR(1) pixels has variance f(n) / n of the white one's,
+    # f(n) = (1 + rho) / (1 - rho) - 2 rho (1 - rho**n) / ((1 - rho)**2 n): (8 f(32) - f(256)) / 7.
+    f = [3.0 - 4.0 * (1 - 0.5**n) / n for n in (32, 256)]
+    assert row_noise_scale(e, one, one, one, 0.0) == pytest.approx((8 * f[0] - f[1]) / 7, rel=0.05)
+    assert row_noise_scale(e, one, one, math.sqrt(2) * one, 0.5) == pytest.approx(0.5, abs=0.03)
+
+
+# --------------------------------------------------------------------------------------------------
 # Low dose: the censored model, noise correlation, closure (issue 20)
 # --------------------------------------------------------------------------------------------------
 
@@ -322,27 +401,23 @@ def test_censored_moments_match_the_noise_model_at_low_dose() -> None:
 
 
 # Row offsets large enough to stand out of the per-row pixel noise of 256-px rows at each dose.
-LOW_DOSE_CASES = [
-    pytest.param(
-        2.0,
-        0.05,
-        id="dose2",
-        marks=pytest.mark.xfail(
-            reason="measured on this seed: dose +13 % and read noise 8x with read noise 0.05 and row offset "
-            "0.05 at 2 e-/px (with 0.03 and 0.02: dose within 1 %); not solved yet",
-            strict=False,
-        ),
-    ),
-    pytest.param(8.0, 0.03, id="dose8"),
-    pytest.param(32.0, 0.02, id="dose32"),
-    pytest.param(128.0, 0.02, id="dose128"),
-]
+LOW_DOSE_CASES = [(2.0, 0.05), (8.0, 0.03), (32.0, 0.02), (128.0, 0.02)]
+
+READ_NOISE_BELOW_32 = (
+    "read noise {error:+.0%} at {dose:g} e-/px (b {b_error:+.1%}); below 32 e-/px read_sigma**2 = "
+    "b - a y0 / dY is 2 % (2 e-/px) and 7 % (8 e-/px) of b, so 15 % on the read noise needs b within "
+    "0.6 % and 2.2 %. Measured causes: at 2 e-/px the censored fit itself (b +4.4 % on a mosaic of flat "
+    "8 x 8 patches, no pattern); at 8 e-/px not the fit (+0.7 % on that mosaic) but the wafers' flat "
+    "patches, which at this noise include intensity steps the flatness test cannot see (their variances "
+    "lie 5 % below the model at observed means 0.2-0.35 and match it at 0.1-0.2), tilting the line"
+)
 
 
-@pytest.mark.parametrize(("dose", "offset"), LOW_DOSE_CASES)
+@pytest.mark.parametrize(("dose", "offset"), LOW_DOSE_CASES, ids=[f"dose{d:g}" for d, _ in LOW_DOSE_CASES])
 def test_recovers_dose_and_row_offset_from_low_to_high_dose(dose: float, offset: float) -> None:
     """At 2-32 e-/px most flat patches lie within 3 sigma of black or white (they used to be dropped,
-    and calibration failed with 'too few flat patches'); the censored fit recovers the Poisson gain."""
+    and calibration failed with 'too few flat patches'); the censored fit recovers the Poisson gain.
+    Read noise within 15 % is asserted from 32 e-/px up; below, a miss is an xfail that states it."""
     read = 0.05
     params = _params("shot", "detector_gain", "read_noise", "scan_lines", dose_e_per_px=dose,
                      read_noise_sigma=read, scan_line_offset_sigma=offset, scan_line_gain_sigma=0.0)  # fmt: skip
@@ -358,21 +433,29 @@ def test_recovers_dose_and_row_offset_from_low_to_high_dose(dose: float, offset:
     print(f"dose {dose}: relative errors", {k: round(v, 3) for k, v in errors.items()}, result.warnings)
     assert abs(errors["poisson_a"]) < 0.10 and abs(errors["dose"]) < 0.10
     assert abs(errors["row_offset"]) < 0.20
-    if dose >= 128:  # below, the shot intercept a * y0 / dY dwarfs read_sigma**2 (not identifiable)
-        assert abs(errors["read_noise"]) < 0.15
     assert result.estimates["adc_window_low"].detected  # pixels pile up at 0 at every one of these doses
+    if dose < 32 and abs(errors["read_noise"]) >= 0.15:
+        b_true = poisson_gaussian_coefficients(params)[1]
+        b_error = e["poisson_b"].value / b_true - 1
+        pytest.xfail(READ_NOISE_BELOW_32.format(error=errors["read_noise"], dose=dose, b_error=b_error))
+    assert abs(errors["read_noise"]) < 0.15
+
+
+CORRELATION_AT_128 = (
+    "measured 0.68 for a true 0.4 (0.94 before the AR(1)-first fit): pattern left in the flat patches. "
+    "On the patches that pass with the true noise model, the noise alone reads 0.46 but the noisy image "
+    "0.95: after the per-line quadratic and the column mean, the pattern still holds 14 % of the lag-0 "
+    "power, and a smooth residue reads as strong correlation (8-px lines keep little of a correlation's "
+    "decay). A quadratic across the patch's lines too leaves 2 %, and with the flatness test corrected "
+    "for the correlation reads 0.42 (8 seeds: 0.419 +- 0.02), but it loses most of the information: "
+    "test_fast_axis_noise_correlation_sign_and_length[lowpass-0.5] then reads 0.64 and 1000 e-/px "
+    "spreads 0.25-0.71 over 8 seeds"
+)
 
 
 @pytest.mark.parametrize(
-    "dose",
-    [
-        8.0,
-        pytest.param(128.0, marks=pytest.mark.xfail(
-            reason="measured 0.94 for a true 0.4: the pass-1 noise model comes from x samples whose variance "
-            "the correlation lowers, so only ~190 patches pass as flat and edges dominate; not solved yet",
-            strict=False)),
-    ],
-)  # fmt: skip
+    "dose", [8.0, pytest.param(128.0, marks=pytest.mark.xfail(reason=CORRELATION_AT_128, strict=False))]
+)
 def test_fast_axis_correlation_of_the_noise_model_is_recovered(dose: float) -> None:
     """Lag-1 within 0.05 of the noise model's own bandwidth component (AR(1) along x)."""
     if "bandwidth" not in NoiseConfig.model_fields:

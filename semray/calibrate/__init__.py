@@ -23,7 +23,11 @@ Signatures, and what each estimator assumes:
 * **Row offset (/ gain)**: per row, the second difference across rows ``z[y] - (z[y-1] + z[y+1]) / 2``
   is regressed on the local intensity. The white level of the intercept (and slope) sequences over
   rows is read off their periodogram, with harmonics of patterns that repeat along y clipped
-  (:func:`white_floor`), and the pixel-noise part computed from ``v(I)`` is subtracted.
+  (:func:`white_floor`), and the pixel-noise part computed from ``v(I)`` is subtracted: exact for
+  noise correlated along x by the measured lag-1 (AR(1); a row mean of correlated pixels varies
+  more), and scaled by the image's own spread of row segments about their row
+  (:func:`row_noise_scale`: a row offset is the same in every segment), so that a rough noise model
+  or correlation does not turn into a row offset.
 * **Line jitter**: the sub-pixel shift between consecutive rows is fitted separately in ``K`` segments
   of each row; jitter moves the whole row, line-edge roughness and noise do not, so the covariance of
   *different* segments' shifts is ``2 * jitter_px**2``. Jitter also makes row-to-row differences at
@@ -61,8 +65,10 @@ What cannot be separated (fixed assumptions and switches, :class:`CalibrationCon
 * read noise vs the shot-noise intercept ``a * y0 / dY``: read noise depends on the assumed
   ``y0 / dY``; where the shot intercept dominates ``b`` (low dose) read noise is not measurable
   (at 200 e/px and read noise 0.01 its standard error exceeds its value). Below ~32 e/px, where the
-  censored fit carries the variance, ``b`` and so the read noise came out biased high (0.06-0.12 for
-  a true 0.03 at 2-8 e/px on semray's images): do not trust a read noise measured there.
+  censored fit carries the variance, read noise is 2-7 % of ``b`` and ``b`` came out 5-16 % high, so
+  the read noise biased high (0.08-0.11 for a true 0.05 at 2-8 e/px on semray's images; the causes
+  are in ``tests/test_calibrate.py``'s ``READ_NOISE_BELOW_32``): do not trust a read noise measured
+  there.
 * row offset vs row gain (``fit_row_gain``, off): arrays of jittered features leak into the per-row
   slope, so by default the offset stands for all per-row variation at the rows' typical intensity.
 * charging vs specimen asymmetry (``fit_charging``, off): the ridge estimator needs a specimen that
@@ -107,7 +113,14 @@ from semray.calibrate.figure import calibration_figure
 from semray.calibrate.jitter import jitter_estimate
 from semray.calibrate.quantization import quantization_grid
 from semray.calibrate.result import CalibrationResult, noise_config_from_estimates
-from semray.calibrate.rows import drift_fit, row_artifacts, row_level_profile, row_offsets, white_floor
+from semray.calibrate.rows import (
+    drift_fit,
+    row_artifacts,
+    row_level_profile,
+    row_noise_scale,
+    row_offsets,
+    white_floor,
+)
 from semray.calibrate.variance import (
     PatchStats,
     fit_mean_variance,
@@ -149,6 +162,7 @@ __all__ = [
     "ridge_sums",
     "row_artifacts",
     "row_level_profile",
+    "row_noise_scale",
     "row_offsets",
     "run_calibration",
     "synthetic_lookalikes",

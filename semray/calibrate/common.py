@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from scipy.signal import lfilter
 
 MAD_TO_SIGMA = 1.4826
 
@@ -50,15 +51,37 @@ def as_image(img: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def kernel_energy(sigma: float, derivative_axis: int | None, ndim: int) -> float:
-    """Sum of squared weights of (Gaussian blur [, then central difference]) — noise gain of the filter."""
+def kernel_energy(sigma: float, derivative_axis: int | None, ndim: int, rho: float = 0.0) -> float:
+    """Sum of squared weights of (Gaussian blur [, then central difference]) — noise gain of the filter.
+
+    With ``rho`` (``ndim == 1`` only) the gain for AR(1) noise of lag-1 correlation ``rho``
+    (:func:`ar1_quadratic` of the weights) instead of white noise."""
     n = int(8 * sigma) * 2 + 9
     delta = np.zeros((n,) * ndim)
     delta[(n // 2,) * ndim] = 1.0
     k = gaussian_filter(delta, sigma, mode="constant")
     if derivative_axis is not None:
         k = np.gradient(k, axis=derivative_axis)
+    if rho != 0.0:
+        if ndim != 1:
+            raise ValueError(f"kernel_energy: rho needs ndim == 1, got ndim={ndim}")
+        return float(ar1_quadratic(k, rho))
     return float(np.sum(k * k))
+
+
+def ar1_quadratic(u: np.ndarray, rho: float) -> np.ndarray:
+    """``sum_ij u_i u_j rho**|i - j|`` along the last axis of float ``u`` (..., n) -> (...): the variance of
+    ``sum_i u_i n_i`` for unit-variance AR(1) noise ``n`` of lag-1 correlation ``rho`` (``|rho| < 1``)
+    along that axis; ``sum_i u_i**2`` for ``rho = 0``. Exact, by the forward and backward one-pole filters
+    (``sum_j rho**|i - j| u_j`` is both filters' sum minus ``u``)."""
+    u = np.asarray(u, dtype=np.float64)
+    if rho == 0.0:
+        return np.sum(u * u, axis=-1)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"AR(1) correlation must lie in (-1, 1), got {rho}")
+    fwd = lfilter([1.0], [1.0, -rho], u, axis=-1)
+    bwd = lfilter([1.0], [1.0, -rho], u[..., ::-1], axis=-1)[..., ::-1]
+    return np.sum(u * (fwd + bwd - u), axis=-1)
 
 
 def blocks(a: np.ndarray, p: int) -> np.ndarray:

@@ -10,11 +10,12 @@ with the axes swapped). The two projections act on different axes, so the expect
 y part and an x part, and the ratio of the lag-``k`` sum to the lag-0 sum depends on ``rho_x`` alone:
 ``sum_j (P S P)[j, j + k] / trace(P S P)`` with ``S[i, j] = rho**|i - j|`` and ``P`` the detrending
 projection (:func:`expected_lag_ratio`). That ratio is biased (detrending on 8 px removes a lot of a
-positive correlation) but exactly known, so ``rho`` is read off by inverting it
-(:func:`ar1_from_lag_ratio`); the standard error comes from a jackknife over groups of patches.
-Image structure left inside flat patches adds a small positive bias (with a line instead of a
-quadratic removed it reached +0.05 on semray's patterns at 128 e-/px), which is why detection also
-needs ``min_noise_corr``.
+positive correlation) but exactly known, so ``rho`` is read off by inverting it, AR(1) first
+(:func:`lag1_from_ratios`); the standard error, and the ratios' covariance the fit weighs them with,
+come from a jackknife over groups of patches. Image structure left inside flat patches adds a
+positive bias, which is why detection also needs ``min_noise_corr``: on semray's dense patterns at
+128 e-/px and above it is not small (a true 0.4 read 0.68 at 128 e-/px, 3 wafers of 256 px; the
+structure held 14 % of the lag-0 power of the patches that passed as flat).
 """
 
 from __future__ import annotations
@@ -91,37 +92,74 @@ def expected_lag_ratio(rho: float, p: int, k: int, phi: float | None = None) -> 
 
 
 _PHIS = np.linspace(-0.9, 0.95, 75)
+_AR1_GRID = np.linspace(-0.95, 0.95, 381)
+FREE_DECAY_CHI2 = 9.0
+"""How much better (chi-square, GLS with the jackknife covariance of the ratios) a free decay ``phi``
+must fit than AR(1) to be taken: one extra parameter, 3 standard errors."""
 
 
-def lag1_from_ratios(ratios: np.ndarray, p: int) -> float:
-    """Lag-1 noise correlation from observed lag-1..K ratios (lag-k sum over lag-0 sum).
+@cache
+def _ar1_ratios(p: int, max_lag: int) -> np.ndarray:
+    """Expected lag-1..``max_lag`` ratios of AR(1) noise on :data:`_AR1_GRID`: ``(R, max_lag)``."""
+    return np.array([[expected_lag_ratio(float(r), p, k) for k in range(1, max_lag + 1)] for r in _AR1_GRID])
 
-    The correlation is modelled as ``rho`` at lag 1 decaying by ``phi`` per further lag (AR(1) when
-    ``phi = rho``, a one-lag overshoot or blur when ``phi = 0``; lag 1 is what the noise model's
-    bandwidth takes). For each ``phi`` on a grid the expected ratios are linear in ``rho`` after
-    multiplying out the denominator, so ``rho`` is a least-squares solve; the ``phi`` with the
-    smallest residual wins, among those with ``|phi| <= |rho|`` (a correlation decays no slower than
-    AR(1)'s: without that, near ``rho = 0`` any ``phi`` fits and noise picks one).
-    """
+
+def _chi2(resid: np.ndarray, icov: np.ndarray) -> np.ndarray:
+    """``r^T C^-1 r`` over the last axis of ``resid`` (..., K)."""
+    return np.einsum("...i,ij,...j->...", resid, icov, resid)
+
+
+def _free_decay_fit(ratios: np.ndarray, p: int, icov: np.ndarray) -> tuple[float, float]:
+    """``(rho, chi2)`` of the best ``rho * phi**(j - 1)`` over the ``phi`` grid (``|phi| <= |rho|``): per
+    ``phi`` the expected ratios are linear in ``rho`` after multiplying out the denominator, a
+    least-squares solve; the fit is scored on the ratios themselves."""
     white, basis, _ = _lag_basis(p, ratios.size)
     k = np.arange(1, ratios.size + 1)
-    best = (math.inf, 0.0)
+    best = (0.0, math.inf)
     for phi in _PHIS:
         d = (phi ** np.arange(p - 1)) @ basis  # expected sums per unit rho
         # ratios[k] * (white[0] + rho d[0]) = white[k] + rho d[k]
         coef = ratios * d[0] - d[k]
         rhs = white[k] - ratios * white[0]
-        rho = float(coef @ rhs / (coef @ coef))
-        rho = min(max(rho, -0.99), 0.99)
-        cost = float(np.sum((coef * rho - rhs) ** 2))
-        if cost < best[0] and abs(phi) <= abs(rho) + 0.02:
-            best = (cost, rho)
-    return best[1]
+        rho = min(max(float(coef @ rhs / (coef @ coef)), -0.99), 0.99)
+        if abs(phi) > abs(rho) + 0.02:
+            continue
+        e = white + rho * d
+        chi2 = float(_chi2(ratios - e[k] / e[0], icov))
+        if chi2 < best[1]:
+            best = (rho, chi2)
+    return best
+
+
+def lag1_from_ratios(ratios: np.ndarray, p: int, cov: np.ndarray) -> float:
+    """Lag-1 noise correlation from observed lag-1..K ratios (lag-k sum over lag-0 sum).
+
+    The noise model's bandwidth is AR(1) (``rho**j`` at lag ``j``): fitted first, on a grid of ``rho``
+    by generalised least squares with ``cov``, the ratios' covariance ``(K, K)``. A faster
+    or slower decay, ``rho`` at lag 1 then ``phi`` per further lag (a one-lag overshoot or blur has
+    ``phi = 0``; ``|phi| <= |rho|``, since near ``rho = 0`` any ``phi`` fits), replaces it only when
+    it fits better by :data:`FREE_DECAY_CHI2`. Detrended 8-px lines keep little of a correlation's
+    decay, so with ``phi`` always free a few hundred flat patches read a true 0.4 as 0.93 now and
+    then (the decay traded against lag 1); lag 1 is what the noise model's bandwidth takes.
+    """
+    k = ratios.size
+    icov = np.linalg.pinv(cov + 1e-12 * np.trace(cov) * np.eye(k))
+    table = _ar1_ratios(p, k)
+    chi2 = _chi2(ratios - table, icov)
+    i = int(np.argmin(chi2))
+    rho = float(_AR1_GRID[i])
+    if 0 < i < chi2.size - 1:  # parabola through the grid minimum
+        den = chi2[i - 1] - 2 * chi2[i] + chi2[i + 1]
+        if den > 0:
+            rho += 0.5 * (chi2[i - 1] - chi2[i + 1]) / den * float(_AR1_GRID[1] - _AR1_GRID[0])
+    free_rho, free_chi2 = _free_decay_fit(ratios, p, icov)
+    return free_rho if chi2[i] - free_chi2 > FREE_DECAY_CHI2 else rho
 
 
 def lag_correlation(sums: np.ndarray, p: int, groups: int = 16) -> tuple[float, float]:
     """Lag-1 noise correlation (:func:`lag1_from_ratios`) and its jackknife SE (over ``groups``
-    interleaved groups of lines) from one axis's patch sums ``(n, K + 1)``.
+    interleaved groups of lines) from one axis's patch sums ``(n, K + 1)``; the ratios' covariance
+    for the fit is the same jackknife's.
 
     NaN (SE inf) with fewer than 20 patches."""
     n = sums.shape[0]
@@ -130,9 +168,13 @@ def lag_correlation(sums: np.ndarray, p: int, groups: int = 16) -> tuple[float, 
     g = np.arange(n) % min(groups, n)
     part = np.stack([np.bincount(g, sums[:, k]) for k in range(sums.shape[1])], axis=1)  # (G, K + 1)
     tot = part.sum(axis=0)
-    rho = lag1_from_ratios(tot[1:] / tot[0], p)
-    loo = np.array([lag1_from_ratios((tot - q)[1:] / (tot - q)[0], p) for q in part])
-    m = loo.size
+    loo_sums = tot - part
+    loo_ratios = loo_sums[:, 1:] / loo_sums[:, :1]
+    m = loo_ratios.shape[0]
+    d = loo_ratios - loo_ratios.mean(axis=0)
+    cov = (m - 1) / m * d.T @ d
+    rho = lag1_from_ratios(tot[1:] / tot[0], p, cov)
+    loo = np.array([lag1_from_ratios(r, p, cov) for r in loo_ratios])
     return rho, float(math.sqrt((m - 1) / m * np.sum((loo - loo.mean()) ** 2)))
 
 

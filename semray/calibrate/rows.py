@@ -3,6 +3,7 @@ slow drift of the row level."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -11,7 +12,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from semray.calibrate.censored import CensoredModel
-from semray.calibrate.common import Estimate, as_image, kernel_energy, sigma_from_var
+from semray.calibrate.common import Estimate, ar1_quadratic, as_image, kernel_energy, sigma_from_var
 from semray.calibrate.variance import NoiseVariance, noise_variance
 from semray.config.calibrate import CalibrationConfig
 
@@ -36,7 +37,9 @@ class RowStats:
 
     ``alpha_c``: intercept at the row's mean reference intensity ``s_mean`` (offset + gain * s_mean
     differences), ``beta``: slope (gain differences); ``var_alpha_c``/``var_beta``: their pixel-noise
-    variances; ``sxx``: intensity spread used by the slope. NaN where too few pixels were usable.
+    variances (scaled by ``noise_scale``); ``sxx``: intensity spread used by the slope. NaN where too
+    few pixels were usable. ``noise_scale``: the image's measured pixel-noise variance of a row's
+    sums over the modelled one (:func:`row_noise_scale`; about 1 when the model is right).
     """
 
     alpha_c: np.ndarray
@@ -45,10 +48,58 @@ class RowStats:
     var_beta: np.ndarray
     s_mean: np.ndarray
     sxx: np.ndarray
+    noise_scale: float = 1.0
+
+
+def row_noise_scale(
+    e: np.ndarray, v: np.ndarray, t: np.ndarray, u: np.ndarray, rho_x: float, blocks: int = 8
+) -> float:
+    """Measured over modelled pixel-noise variance of the per-row estimates ``sum(v e) / sum(v t)``.
+
+    Each row is cut into ``blocks`` runs of columns; a row offset (``e = do * t``) gives every block
+    the same estimate, so their spread about the row's estimate, ``Q = sum_k N_k**2 / D_k - N**2 / D``
+    (``N = sum v e``, ``D = sum v t``, per block and whole row), is pixel noise (and whatever else
+    varies along the row: pattern leftovers, row gains). Under the model (``u = v * sd``, AR(1) of
+    ``rho_x`` along x) its expectation is exactly ``sum_k q_k / D_k - q / D`` with ``q`` the quadratic
+    forms :func:`~semray.calibrate.common.ar1_quadratic` of ``u``. Summed over the rows, their ratio
+    corrects the model's per-row noise for a wrong noise level or correlation (the measured
+    correlation is rough on dense patterns at high dose). All arrays ``(R, W)``; rows with ``D <= 0``
+    do not count. NaN without usable rows.
+    """
+    edges = np.linspace(0, e.shape[1], blocks + 1).astype(int)
+    d_row = np.sum(v * t, axis=1)
+    ok = d_row > 0
+    if not ok.any():
+        return float("nan")
+    e, v, t, u, d_row = e[ok], v[ok], t[ok], u[ok], d_row[ok]
+    obs = -(np.sum(v * e, axis=1) ** 2) / d_row
+    exp = -ar1_quadratic(u, rho_x) / d_row
+    for lo, hi in itertools.pairwise(edges):
+        d = np.sum(v[:, lo:hi] * t[:, lo:hi], axis=1)
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        obs += np.sum(v[:, lo:hi] * e[:, lo:hi], axis=1) ** 2 * inv
+        exp += ar1_quadratic(u[:, lo:hi], rho_x) * inv
+    return float(np.sum(obs) / np.sum(exp)) if np.sum(exp) > 0 else float("nan")
+
+
+def _curvature_weights(e: np.ndarray, nu: np.ndarray, curvature_sigmas: float, rho_x: float) -> np.ndarray:
+    """0/1 weights ``(R, W)`` of the pixels of ``e`` whose x-smoothed value (Gaussian sigma 2) lies within
+    ``curvature_sigmas`` noise sigmas (variance ``nu``, AR(1) of ``rho_x`` along x) of the row's
+    median; 3 px at either end are left out."""
+    ge = gaussian_filter1d(e, 2.0, axis=1, mode="nearest")
+    dev = np.abs(ge - np.median(ge, axis=1, keepdims=True))
+    wgt = (dev <= curvature_sigmas * np.sqrt(nu * kernel_energy(2.0, None, 1, rho_x))).astype(np.float64)
+    wgt[:, :3] = 0.0
+    wgt[:, -3:] = 0.0
+    return wgt
 
 
 def row_artifacts(
-    img: np.ndarray, noise: NoiseVariance | CensoredModel, curvature_sigmas: float = 3.0
+    img: np.ndarray,
+    noise: NoiseVariance | CensoredModel,
+    curvature_sigmas: float = 3.0,
+    rho_x: float = 0.0,
+    scale_sigmas: float = 5.0,
 ) -> RowStats:
     """Per-row offset/gain differences from ``e[y] = z[y] - (z[y-1] + z[y+1]) / 2``.
 
@@ -61,36 +112,44 @@ def row_artifacts(
     with a :class:`~semray.calibrate.censored.CensoredModel` also the share ``dM/dI`` of an offset that
     clipped pixels show: the offset is then the regression of ``e`` on that share (near black or white
     a row offset moves the clipped mean less than the offset).
+
+    ``rho_x``: lag-1 correlation of the pixel noise along x (AR(1), e.g. the measured
+    ``fast_axis_noise_corr``). The noise variances of a row's weighted sums are exact for it
+    (:func:`~semray.calibrate.common.ar1_quadratic`): counted as white, a mean of ``W`` pixels at
+    ``rho_x = 0.5`` has ~3x the variance counted, which read as a false row offset. So is the
+    smoothed ``e`` of the curvature test (a white threshold cut runs of correlated noise out, which
+    raised the per-row floor by another third at ``rho_x = 0.5``). The variances are then scaled by
+    the image's own :func:`row_noise_scale`, so that a rough ``rho_x`` or noise level does not leave
+    a false offset (or hide a true one) either; it is measured on the pixels within
+    ``scale_sigmas``, since a cut on the noise itself narrows the spread it measures (by 5 % at 3
+    sigma on white noise).
     """
     z = as_image(img)
-    w = z.shape[1]
     e = (z[1:-1] - 0.5 * (z[:-2] + z[2:]))[1:-1]  # rows 2 .. h-3
     s = gaussian_filter1d(0.5 * (z[:-4] + z[4:]), 1.0, axis=1, mode="nearest")
     censored = isinstance(noise, CensoredModel)
     nu = 1.5 * np.maximum(noise_variance(noise.variance_of if censored else noise, s), 1e-12)
-    ge = gaussian_filter1d(e, 2.0, axis=1, mode="nearest")
-    dev = np.abs(ge - np.median(ge, axis=1, keepdims=True))
-    wgt = (dev <= curvature_sigmas * np.sqrt(nu * kernel_energy(2.0, None, 1))).astype(np.float64)
-    wgt[:, :3] = 0.0
-    wgt[:, -3:] = 0.0
+    wgt = _curvature_weights(e, nu, curvature_sigmas, rho_x)
     n = wgt.sum(axis=1)
-    ok = n >= 0.25 * w
+    ok = n >= 0.25 * z.shape[1]
+    wgt[~ok] = 0.0
     n = np.where(ok, n, np.nan)
     sm = np.sum(wgt * s, axis=1) / n
     ds = s - sm[:, None]
     sxx = np.sum(wgt * ds * ds, axis=1)
+    sd = np.sqrt(nu)
+    t = noise.slope_of(s) if censored else np.ones_like(e)  # share of an offset that e shows
+    v = wgt * t
+    loose = _curvature_weights(e, nu, max(curvature_sigmas, scale_sigmas), rho_x) * ok[:, None]
+    scale = row_noise_scale(e, loose * t, t, loose * t * sd, rho_x)
+    scale = scale if math.isfinite(scale) else 1.0  # no usable row: the model as it is
     with np.errstate(invalid="ignore", divide="ignore"):
         beta = np.sum(wgt * ds * e, axis=1) / sxx
-        var_beta = np.sum(wgt * ds * ds * nu, axis=1) / sxx**2
-        if censored:
-            sl = noise.slope_of(s)
-            s2 = np.where(ok, np.sum(wgt * sl * sl, axis=1), np.nan)
-            alpha_c = np.sum(wgt * sl * e, axis=1) / s2
-            var_alpha_c = np.sum(wgt * sl * sl * nu, axis=1) / s2**2
-        else:
-            alpha_c = np.sum(wgt * e, axis=1) / n
-            var_alpha_c = np.sum(wgt * nu, axis=1) / n**2
-    return RowStats(alpha_c, beta, var_alpha_c, var_beta, sm, sxx)
+        var_beta = scale * ar1_quadratic(wgt * ds * sd, rho_x) / sxx**2
+        den = np.where(ok, np.sum(v * t, axis=1), np.nan)
+        alpha_c = np.sum(v * e, axis=1) / den
+        var_alpha_c = scale * ar1_quadratic(v * sd, rho_x) / den**2
+    return RowStats(alpha_c, beta, var_alpha_c, var_beta, sm, sxx, scale)
 
 
 def white_floor(seq: np.ndarray, min_freq: float = 0.1, clip: float = 6.0) -> tuple[float, float]:
@@ -283,15 +342,21 @@ def drift_estimates(
     gain: Estimate,
     noise: NoiseVariance,
     cfg: CalibrationConfig,
+    rho_x: float = 0.0,
 ) -> dict[str, Estimate]:
-    """Pooled drift estimates: amplitude/correlation averaged, detection on the summed excess."""
+    """Pooled drift estimates: amplitude/correlation averaged, detection on the summed excess.
+
+    ``rho_x``: the pixel noise's lag-1 correlation along x (AR(1)); a row's class pixels come in long
+    runs, so its per-row mean carries ``(1 + rho_x) / (1 - rho_x)`` times the white-noise variance
+    (the long-run limit; shorter runs carry less)."""
+    corr_gain = (1.0 + rho_x) / (1.0 - rho_x)
     fits = []
     for i in rows_from:
         prof, n = row_level_profile(imgs[i])
         if np.isfinite(prof).sum() < imgs[i].shape[0] // 2:
             continue
         level = float(np.nanmean(imgs[i]))
-        pix = float(noise_variance(noise, np.array([level]))[0]) / max(float(np.median(n)), 1.0)
+        pix = corr_gain * float(noise_variance(noise, np.array([level]))[0]) / max(float(np.median(n)), 1.0)
         white = max(offset.value, 0.0) ** 2 + max(gain.value, 0.0) ** 2 * level**2 + pix
         fits.append(drift_fit(prof, white, min(cfg.drift_lowpass_rows, imgs[i].shape[0] / 8)))
     if not fits:
