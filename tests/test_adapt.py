@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -43,8 +44,16 @@ def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("adapt_bench", ROOT / "benchmarks" / "adapt.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def _domain_images(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` (clean, noisy) fields of the benchmark's ``gauss_ar1`` domain, float32 (size, size) [0, 1]."""
+    d = _bench().dom
+    fields = d.render_fields(n, size, seed)
+    return [f.content for f in fields], d.scans(d.DOMAINS["gauss_ar1"], fields, 0.1, seed)
 
 
 class _Const(torch.nn.Module):
@@ -120,7 +129,7 @@ def test_calibration_closure_does_not_cry_wolf_on_the_benchmark_noise() -> None:
     keeps part of the correlated noise; the calibration's closure measures real and synthetic alike."""
     from semray.calibrate import CalibrationConfig, calibrate, closure, closure_warnings
 
-    _, noisy = _bench().domain_images(2, 256, 0.1, 0.5, seed=1)
+    _, noisy = _domain_images(2, 256, seed=1)
     result = calibrate(noisy)
     assert result.estimates["fast_axis_noise_corr"].value == pytest.approx(0.5, abs=0.1)
     res = closure(noisy, result, CalibrationConfig())[3]
@@ -257,13 +266,13 @@ def test_frames_are_registered_before_averaging() -> None:
 def test_frames_give_one_averaged_proxy_and_two_independent_crop_sets(tmp_path: Path) -> None:
     from semray.adapt.driver import _prepare_data
 
-    clean, _ = _bench().domain_images(1, 96, 0.1, 0.5, seed=3)
+    clean, _ = _domain_images(1, 96, seed=3)
     rng = np.random.default_rng(5)
     scans = [
         np.clip(clean[0] + 0.1 * rng.standard_normal(clean[0].shape), 0, 1).astype(np.float32)
         for _ in range(3)
     ]
-    users = read_inputs(_bench().write_pngs(scans, tmp_path), 64, frames=True)
+    users = read_inputs(_bench().write_pngs(scans, tmp_path, "uint16"), 64, frames=True)
     cfg = load_config(AdaptConfig, None, ["frames=true", "user.tile_px=32", "selection.crop_px=32"])
     data = _prepare_data(users, cfg)
     assert len(data.proxies) == 1 and len(data.noisy) == 3 and data.crops2 is not None
@@ -332,8 +341,8 @@ def test_every_page_of_a_multipage_tiff_is_an_image_named_by_its_page(tmp_path: 
 
 
 def _pngs(tmp: Path, n: int = 3, size: int = 96) -> list[Path]:
-    _, noisy = _bench().domain_images(n, size, 0.1, 0.5, seed=1)
-    return _bench().write_pngs(noisy, tmp)
+    _, noisy = _domain_images(n, size, seed=1)
+    return _bench().write_pngs(noisy, tmp, "uint16")
 
 
 def test_bad_inputs_fail_naming_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -348,7 +357,7 @@ def test_bad_inputs_fail_naming_the_files(tmp_path: Path, capsys: pytest.Capture
     flat = write_image(
         tmp_path / "in" / "flat.png", np.full((96, 96), 0.5, np.float32), ImageMeta("uint16", (0, 0), "png")
     )
-    noisy8 = _bench().domain_images(1, 96, 0.1, 0.5, seed=9)[1][0]
+    noisy8 = _domain_images(1, 96, seed=9)[1][0]
     eight = write_image(tmp_path / "in" / "eight.png", noisy8, ImageMeta("uint8", (0, 0), "png"))
     out = tmp_path / "out"
     rc = main(["adapt", str(tmp_path / "in"), "--out", str(out)])
@@ -407,7 +416,7 @@ def test_adapt_end_to_end_through_the_cli(tmp_path: Path, ray_local: None, mlflo
     inputs = _pngs(tmp_path / "in")[:2]
     stack = tmp_path / "in" / "stack.tif"  # two more images as the pages of one TIFF
     with tifffile.TiffWriter(stack) as tw:
-        for z in _bench().domain_images(2, 96, 0.1, 0.5, seed=2)[1]:
+        for z in _domain_images(2, 96, seed=2)[1]:
             tw.write(np.rint(z * 65535).astype(np.uint16), photometric="minisblack")
     out = tmp_path / "out"
     args = ["adapt", *map(str, inputs), str(stack), "--out", str(out), "--json", str(tmp_path / "res.json")]
