@@ -273,13 +273,18 @@ class SelfSupervisedObjective:
     * ``n2n``: input = frame 1, target = frame 2, loss on every pixel.
     """
 
-    def __init__(self, cfg: LossConfig) -> None:
-        if cfg.objective == "supervised":
-            raise ValueError("objective 'supervised' trains against clean; this is for n2v, structn2v or n2n")
-        self.kind = cfg.objective
+    def __init__(self, cfg: LossConfig, objective: str | None = None) -> None:
+        """``objective``: n2v, structn2v or n2n (None: ``cfg.objective``, e.g. a mix source's own); the
+        mask and the pixel loss are ``cfg``'s."""
+        kind = objective or cfg.objective
+        if kind not in ("n2v", "structn2v", "n2n"):
+            raise ValueError(
+                f"objective {kind!r}: this is for n2v, structn2v or n2n (supervised trains on clean)"
+            )
+        self.kind = kind
         self.mask_cfg: BlindSpotMaskConfig = cfg.mask
         self.pixel = cfg.selfsup_pixel_loss
-        self.half_length = cfg.mask.half_length if cfg.objective == "structn2v" else 0
+        self.half_length = cfg.mask.half_length if kind == "structn2v" else 0
 
     @property
     def needs_pair(self) -> bool:

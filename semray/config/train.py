@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from semray.config.base import StrictModel
 from semray.config.data import DatasetConfig
-from semray.config.loss import CompositeLossConfig, LossConfig, MseSsimLossConfig
+from semray.config.loss import CompositeLossConfig, LossConfig, MseSsimLossConfig, Objective
 from semray.config.model import UNetConfig
 from semray.config.noise import NoiseConfig
 
@@ -69,7 +69,18 @@ class ShardSource(StrictModel):
         "synthesize",
         description=(
             "synthesize: clean references get synthetic noise from the `noise` section (fresh each epoch); "
-            "as_is: real noisy/clean pairs, the shards' `noisy` column is used as it is (no noise on top)."
+            "as_is: real noisy/clean pairs, the shards' `noisy` column is used as it is (no noise on top). "
+            "For a self-supervised source (`objective`), as_is trains on the shards' acquired `noisy` (and, "
+            "for n2n, `noisy2`) frames and needs no `clean` column; synthesize noises `clean`."
+        ),
+    )
+    objective: Objective | None = Field(
+        None,
+        description=(
+            "Training target of this source's crops: supervised (clean), n2v, structn2v (blind spot on the "
+            "noisy crop, loss on the masked pixels; mask from `loss.mask`) or n2n (second noisy frame). "
+            "None = `loss.objective`. Each crop is scored by its own source's objective; the batch loss is "
+            "the sum of the objectives' losses weighted by their share of the batch's crops."
         ),
     )
 
@@ -217,6 +228,10 @@ class TrainDataConfig(StrictModel):
                 "first (`semray synth --out FOLDER`) and list FOLDER as a source"
             )
         return self
+
+    def source_objective(self, source: ShardSource, default: str) -> str:
+        """The objective ``source`` trains with: its own, else ``default`` (``loss.objective``)."""
+        return source.objective or default
 
     @property
     def mix_weights(self) -> dict[str, float]:
@@ -434,6 +449,17 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 f"validation.metric={self.validation.metric!r} names source {source!r}, which is not in "
                 f"data.sources; known sources: {known}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _defect_term_has_a_supervised_source(self) -> TrainConfig:
+        if self.loss.defect_weight <= 0 or not self.data.sources:
+            return self
+        if all(self.data.source_objective(s, self.loss.objective) != "supervised" for s in self.data.sources):
+            raise ValueError(
+                "loss.defect_weight needs clean targets, but every source of data.sources trains "
+                "self-supervised (their `objective`); set defect_weight: 0 or train a source supervised"
             )
         return self
 

@@ -34,9 +34,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from semray.config.train import TrainConfig
-from semray.losses import DefectWeightedLoss, build_loss
+from semray.losses import build_loss
 from semray.models.unet import build_model, freeze_batchnorm
-from semray.selfsup import SelfSupervisedObjective
 from semray.train.checkpoint import (
     DataRecord,
     LoopState,
@@ -45,6 +44,7 @@ from semray.train.checkpoint import (
     save_checkpoint,
     write_data_record,
 )
+from semray.train.objectives import BatchObjective
 from semray.train.schedule import apply_schedule
 from semray.train.validate import (
     collect_val_items,
@@ -66,7 +66,7 @@ class InjectedFailure(RuntimeError):
 
 class _Collate(NumpyBatchCollateFn):
     """numpy batch -> ``noisy``/``clean`` (and ``noisy2`` when present: Noise2Noise) (N, 1, h, w) float32
-    tensors, ``defect`` (N, 1, h, w) uint8 masks, plus ids and epochs as numpy."""
+    tensors, ``defect`` (N, 1, h, w) uint8 masks, plus ids, epochs and per-crop objectives (lists/numpy)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out = {
@@ -79,26 +79,14 @@ class _Collate(NumpyBatchCollateFn):
             out["defect"] = torch.from_numpy(np.ascontiguousarray(batch["defect"], dtype=np.uint8))[:, None]
         if "noisy2" in batch:
             out["noisy2"] = torch.from_numpy(np.ascontiguousarray(batch["noisy2"], dtype=np.float32))[:, None]
+        if "objective" in batch:
+            out["objective"] = [str(o) for o in batch["objective"]]
         return out
 
 
 def mask_rng(seed: int, rank: int, step: int) -> np.random.Generator:
     """Generator of the blind-spot masks of one optimiser step on one rank (reproducible on resume)."""
     return np.random.default_rng([int(seed), int(rank), int(step), 0x5E1F])
-
-
-def _inputs_and_targets(
-    objective: SelfSupervisedObjective | None, batch: dict[str, Any], noisy: torch.Tensor,
-    clean: torch.Tensor, rng_args: tuple[int, int, int], device: torch.device, memory_format: torch.memory_format,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """``(network input, target, loss mask)`` of one batch: (noisy, clean, None) when supervised."""
-    if objective is None:
-        return noisy, clean, None
-    noisy2 = batch.get("noisy2")
-    if noisy2 is not None:
-        noisy2 = noisy2.to(device, non_blocking=True, memory_format=memory_format)
-    inp, target, mask = objective.prepare(noisy, noisy2, mask_rng(*rng_args))
-    return inp.to(memory_format=memory_format), target, mask
 
 
 def checkpoint_score(value: float, mode: str) -> float:
@@ -175,7 +163,7 @@ class Worker:
     model: torch.nn.Module  # the DDP-wrapped one (training)
     optimizer: torch.optim.Optimizer
     loss_fn: torch.nn.Module
-    objective: SelfSupervisedObjective | None
+    objective: BatchObjective
     state: LoopState
     val_all: list[Any]
     train_shard: Any
@@ -235,7 +223,10 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     loss_fn = build_loss(cfg.loss).to(device)  # supervised objective; always the val_loss against clean
-    objective = None if cfg.loss.objective == "supervised" else SelfSupervisedObjective(cfg.loss)
+    sources = cfg.data.sources or []
+    objective = BatchObjective(
+        cfg.loss, [cfg.data.source_objective(s, cfg.loss.objective) for s in sources], loss_fn
+    )
 
     val_batch = config["val_batch"]
     val_all = collect_val_items([ray.get(val_batch) if isinstance(val_batch, ray.ObjectRef) else val_batch])
@@ -269,18 +260,11 @@ def _step(w: Worker, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, d
         w.optimizer, w.state.step, w.steps_per_epoch * cfg.optim.epochs, cfg.optim.lr, cfg.optim.schedule,
         cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio,
     )  # fmt: skip
-    inp, target, loss_mask = _inputs_and_targets(
-        w.objective, batch, noisy, clean, (cfg.seed, w.rank, w.state.step), device, fmt
-    )
+    prep = w.objective.prepare(batch, noisy, clean, mask_rng(cfg.seed, w.rank, w.state.step), fmt)
     with torch.autocast(device.type, dtype=w.amp_dtype, enabled=w.amp_dtype is not None):
-        pred = w.model(inp)
-    if w.objective is None and isinstance(w.loss_fn, DefectWeightedLoss):
-        defect = batch["defect"].to(device, non_blocking=True)
-        total, parts = w.loss_fn(pred.float(), target, defect)
-    elif w.objective is None:
-        total, parts = w.loss_fn(pred.float(), target)
-    else:
-        total, parts = w.objective.loss(pred.float(), target, loss_mask)
+        pred = w.model(prep.inputs)
+    defect = batch["defect"].to(device, non_blocking=True) if w.objective.needs_defect else None
+    total, parts = w.objective.loss(pred.float(), prep, defect)
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {w.state.step}: {parts}")
     w.optimizer.zero_grad(set_to_none=True)

@@ -77,6 +77,9 @@ class SourceStream:
         crops_per_image: every training image gives this many crops each epoch (a plain shard set);
             None: exactly ``total`` crops per epoch, spread by :func:`~semray.train.mix.allocate_crops`
             over ``train_ids`` (a source of a mix).
+        objective: what its crops train against (None: the run's ``loss.objective``).
+        columns: the shard columns it reads (empty: chosen by :func:`build_train_dataset` from the
+            objective, as for a plain shard set).
     """
 
     name: str
@@ -85,6 +88,8 @@ class SourceStream:
     crops_per_image: int | None = None
     train_ids: tuple[str, ...] = ()
     total: int = 0
+    objective: str | None = None
+    columns: tuple[str, ...] = ()
 
 
 def selfsup_noise_batch(
@@ -122,13 +127,24 @@ def selfsup_noise_batch(
     return add_noise_batch(batch, noise, seed, epoch)
 
 
+def _nan_clean(frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``frames`` with a NaN ``clean`` image per row when the shards have none (a self-supervised
+    source of acquired frames): the crops keep one set of columns, and a crop that reached a clean
+    target by mistake would make the loss NaN, which the loop refuses."""
+    if "clean" in frames:
+        return frames
+    col = np.empty(len(frames["noisy"]), dtype=object)
+    col[:] = [np.full(np.shape(x), np.nan, dtype=np.float32) for x in frames["noisy"]]
+    return {**frames, "clean": col}
+
+
 def _noise_and_crop(
     rows: dict[str, np.ndarray], k: int, *, noise_mode: str, objective: str, noise: NoiseConfig | Mapping[str, Any],
     seed: int, epoch: int, crop: CropSpec,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """``k`` crops of each of ``rows``: this epoch's noise (or the acquired frames), then the crops."""
     if objective != "supervised":
-        frames = selfsup_noise_batch(rows, noise, seed, epoch, objective)
+        frames = _nan_clean(selfsup_noise_batch(rows, noise, seed, epoch, objective))
         return crop_frames(frames, objective, crop, k, seed, epoch)
     if noise_mode == "synthesize":
         rows = add_noise_batch(rows, noise, seed, epoch)
@@ -149,16 +165,21 @@ def source_crop_batch(
     epoch: int,
     crop: CropSpec,
     objective: str = "supervised",
+    pad_noisy2: bool = False,
 ) -> dict[str, np.ndarray]:
     """Crops of one source's rows for one epoch: ``counts[r]`` crops of row ``r`` (0 = skipped); pure.
 
     ``noise_mode`` ``synthesize`` adds this epoch's noise (:func:`semray.data.add_noise_batch`);
     ``as_is`` crops the row's own ``noisy`` image (a real pair) with no noise on top, and reports
     ``noise_dose_e_per_px`` NaN. ``objective`` other than ``supervised`` takes the frames from
-    :func:`selfsup_noise_batch` (a second frame ``noisy2`` for ``n2n``).
+    :func:`selfsup_noise_batch` (a second frame ``noisy2`` for ``n2n``; the shard columns passed in
+    decide between acquired and synthesised frames); rows without a ``clean`` image get a NaN one.
+    ``pad_noisy2`` (a mix with an n2n source) gives crops of other objectives a NaN ``noisy2``, so
+    every source's crops have the same columns.
 
     Returns:
-        The columns of :func:`~semray.train.crops.crop_batch` plus ``source`` (N,) str, N = sum(counts).
+        The columns of :func:`~semray.train.crops.crop_batch` plus ``source`` and ``objective`` (N,) str,
+        N = sum(counts) (and ``noisy2`` for n2n or with ``pad_noisy2``).
 
     Raises:
         ValueError: unknown ``noise_mode``, or ``as_is`` rows without a ``noisy`` column.
@@ -178,9 +199,15 @@ def source_crop_batch(
         )  # fmt: skip
     if not parts:
         parts.append(empty_crops(crop.crop_px))
+        if objective == "n2n":
+            parts[0]["noisy2"] = parts[0]["noisy"].copy()
     out = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    if pad_noisy2 and "noisy2" not in out:
+        out["noisy2"] = np.full_like(out["noisy"], np.nan)
+    n = len(out["image_id"])
     out["image_id"] = np.asarray([str(i) for i in out["image_id"]], dtype=object)
-    out["source"] = np.asarray([source] * len(out["image_id"]), dtype=object)
+    out["source"] = np.asarray([source] * n, dtype=object)
+    out["objective"] = np.asarray([objective] * n, dtype=object)
     return out
 
 
@@ -217,6 +244,7 @@ def train_stage(
     clock: Any,
     crop: CropSpec,
     objective: str,
+    pad_noisy2: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data map function of one source: the epoch from the clock, this epoch's crop counts
     (``crops_per_image`` for every row, else the source's allocation), then :func:`source_crop_batch`."""
@@ -230,7 +258,7 @@ def train_stage(
         counts = [alloc.get(str(i), 0) for i in batch["image_id"]]
     return source_crop_batch(
         batch, counts, source=source, noise_mode=noise_mode, noise=noise, seed=seed, epoch=epoch, crop=crop,
-        objective=objective,
+        objective=objective, pad_noisy2=pad_noisy2,
     )  # fmt: skip
 
 
@@ -255,9 +283,11 @@ def build_train_dataset(
     serially and hand over its crops only at the end, while the workers wait. A few MiB per block
     (about 16 images) keeps the noise stage parallel and streaming.
 
-    ``objective`` (``loss.objective``): anything but ``supervised`` uses the self-supervised frames
-    (acquired ``noisy``/``noisy2`` shard columns, or a synthetic second frame for ``n2n``). Rows carry
-    a ``source`` column, so what the workers trained on can be counted per source.
+    ``objective`` (``loss.objective``, for streams without their own): anything but ``supervised``
+    uses the self-supervised frames (acquired ``noisy``/``noisy2`` shard columns, or a synthetic second
+    frame for ``n2n``). Rows carry ``source`` and ``objective`` columns, so what the workers trained on
+    can be counted per source and each crop is scored by its own objective
+    (:mod:`semray.train.objectives`).
 
     Raises:
         ValueError: no stream contributes crops.
@@ -265,11 +295,16 @@ def build_train_dataset(
     import ray
     from ray.data.expressions import col
 
+    objectives = {src.objective or objective for src in streams}
+    pad_noisy2 = "n2n" in objectives and len(objectives) > 1
     branches = []
     for src in streams:
         if src.crops_per_image is None and src.total <= 0:
             continue
-        if objective != "supervised":
+        src_objective = src.objective or objective
+        if src.columns:
+            cols = list(src.columns)
+        elif src_objective != "supervised":
             cols = selfsup_columns(src.files)
         else:
             cols = TRAIN_COLUMNS + (["noisy"] if src.noise_mode == "as_is" else [])
@@ -286,7 +321,8 @@ def build_train_dataset(
             "seed": seed,
             "clock": clock,
             "crop": crop,
-            "objective": objective,
+            "objective": src_objective,
+            "pad_noisy2": pad_noisy2,
         }
         branches.append(
             ds.filter(expr=col("split") == "train").map_batches(

@@ -18,7 +18,15 @@ from semray.config.train import TrainConfig
 from semray.io import ShardError
 from semray.train.mix import mix_totals
 from semray.train.pipeline import SourceStream
-from semray.train.shards import has_column, image_shape, load_val_batch, shard_files, split_ids
+from semray.train.shards import (
+    TRAIN_COLUMNS,
+    first_without,
+    has_column,
+    image_shape,
+    load_val_batch,
+    shard_files,
+    split_ids,
+)
 
 #: Training images per Ray Data block (see semray.train.pipeline.build_train_dataset).
 IMAGES_PER_BLOCK = 16
@@ -34,9 +42,12 @@ class SourcePlan:
         name, noise: from the config (``noise`` is ``synthesize`` or ``as_is``).
         weight: normalised share of the training crops.
         files: its shard files. train_ids, val_ids: its training ids and validation ids (sorted; the
-            first ``data.val_max_images`` of them are validated on).
+            first ``data.val_max_images`` of them are validated on; none without clean images).
         crops_per_epoch: crops it contributes to every epoch (exact, over all workers).
         image_shape: (H, W) of its first training image.
+        objective: what its crops train against (its own ``objective``, else ``loss.objective``).
+        columns: the shard columns its training crops are made from.
+        unvalidated: why it is not validated (empty when it is).
     """
 
     name: str
@@ -47,6 +58,16 @@ class SourcePlan:
     val_ids: list[str]
     crops_per_epoch: int = 0
     image_shape: tuple[int, int] = (0, 0)
+    objective: str = "supervised"
+    columns: tuple[str, ...] = ()
+    unvalidated: str = ""
+
+    def stream(self) -> SourceStream:
+        """Its branch of the ``train`` dataset: exactly ``crops_per_epoch`` crops over ``train_ids``."""
+        return SourceStream(
+            self.name, tuple(self.files), self.noise, None, tuple(self.train_ids), self.crops_per_epoch,
+            self.objective, self.columns,
+        )  # fmt: skip
 
 
 @dataclass
@@ -66,15 +87,15 @@ class DataPlan:
         the shard set as one source whose every image gives ``crops_per_image`` crops."""
         if not self.sources:
             return [SourceStream(SHARDS_SOURCE, tuple(self.files), crops_per_image=crops_per_image)]
-        return [
-            SourceStream(p.name, tuple(p.files), p.noise, None, tuple(p.train_ids), p.crops_per_epoch)
-            for p in self.sources
-        ]
+        return [p.stream() for p in self.sources]
 
     def block_bytes(self) -> int:
         """Ray Data block size of :data:`IMAGES_PER_BLOCK` images: float32 clean + bool mask per pixel
-        (5 bytes), plus a float32 ``noisy`` (9 bytes) for a mix, whose pairs may carry one."""
-        per_px = 9 if self.sources else 5
+        (5 bytes), plus a float32 ``noisy`` (9 bytes) for a mix, whose pairs may carry one, and a
+        float32 ``noisy2`` (13 bytes) when a source of the mix reads one."""
+        per_px = 5
+        if self.sources:
+            per_px = 13 if any("noisy2" in p.columns for p in self.sources) else 9
         return IMAGES_PER_BLOCK * self.image_shape[0] * self.image_shape[1] * per_px
 
 
@@ -144,8 +165,46 @@ def prepare_data(cfg: TrainConfig, num_workers: int | None = None) -> DataPlan:
     return DataPlan(files, len(train_ids), val_ids, (int(shape[0]), int(shape[1])), steps, val_batch)
 
 
+def _source_columns(files: list[str], objective: str, noise: str, where: str) -> tuple[str, ...]:
+    """The shard columns a mix source's training crops are made from, checked against its shards.
+
+    Supervised: ``clean`` and the defect mask (and ``noisy`` for ``as_is`` pairs). Self-supervised:
+    ``noise: as_is`` reads the acquired ``noisy`` frame (and ``noisy2`` for n2n) and ``clean`` only if
+    the shards have it; ``synthesize`` noises ``clean``.
+
+    Raises:
+        ConfigError: a column the source needs is missing from one of its shards (naming both).
+    """
+    if objective == "supervised" and (bad := first_without(files, "clean")):
+        raise ConfigError(
+            f"{where}: a supervised source trains against clean images, but shard {bad} has no 'clean' "
+            "column; train it on its noisy frames (objective: structn2v, n2v or n2n with noise: as_is) or "
+            "add the clean images"
+        )
+    if noise == "synthesize" and (bad := first_without(files, "clean")):
+        raise ConfigError(
+            f"{where}: noise 'synthesize' adds noise to clean images, but shard {bad} has no 'clean' column; "
+            "set noise: as_is to train on its acquired 'noisy' frames"
+        )
+    if noise == "as_is" and (bad := first_without(files, "noisy")):
+        raise ConfigError(
+            f"{where}: noise 'as_is' uses real noisy/clean pairs, but shard {bad} has no 'noisy' column; "
+            "ingest pairs with `semray ingest --mode pairs`, or set noise: synthesize for clean references"
+        )
+    if objective == "n2n" and noise == "as_is" and (bad := first_without(files, "noisy2")):
+        raise ConfigError(
+            f"{where}: objective n2n with noise 'as_is' needs a second acquired frame, but shard {bad} has "
+            "no 'noisy2' column; use noise: synthesize (a synthetic second scan) or another objective"
+        )
+    if objective == "supervised":
+        return tuple(TRAIN_COLUMNS + (["noisy"] if noise == "as_is" else []))
+    frames = (["noisy", "noisy2"] if objective == "n2n" else ["noisy"]) if noise == "as_is" else []
+    return tuple(c for c in TRAIN_COLUMNS + frames if c in ("image_id", "split") or has_column(files, c))
+
+
 def _plan_source(cfg: TrainConfig, index: int) -> SourcePlan:
-    """Check one ``data.sources`` entry against its shards (exist, pairs have ``noisy``, fit the crops)."""
+    """Check one ``data.sources`` entry against its shards (exist, hold what its objective and noise mode
+    need, fit the crops)."""
 
     src = cfg.data.sources[index]  # type: ignore[index]
     where = f"data.sources[{index}] ({src.name!r})"
@@ -153,30 +212,28 @@ def _plan_source(cfg: TrainConfig, index: int) -> SourcePlan:
         files = shard_files([str(Path(s).expanduser().resolve()) for s in src.shards])
     except ShardError as e:
         raise ConfigError(f"{where}.shards: {e}") from None
-    if src.noise == "as_is" and not has_column(files, "noisy"):
-        import pyarrow.parquet as pq
-
-        bad = next(f for f in files if "noisy" not in pq.read_schema(f).names)
-        raise ConfigError(
-            f"{where}: noise 'as_is' uses real noisy/clean pairs, but shard {bad} has no 'noisy' column; "
-            "ingest pairs with `semray ingest --mode pairs`, or set noise: synthesize for clean references"
-        )
+    objective = cfg.data.source_objective(src, cfg.loss.objective)
+    columns = _source_columns(files, objective, src.noise, where)
     train_ids = split_ids(files, "train")
     if not train_ids:
         raise ConfigError(f"{where}: no rows with split 'train' in {src.shards}")
-    shape = image_shape(files, "train")
+    shape = image_shape(files, "train", "clean" if "clean" in columns else "noisy")
     assert shape is not None
     if min(shape) < cfg.data.crop_px:
         raise ConfigError(
             f"{where}: data.crop_px={cfg.data.crop_px} is larger than its training images ({shape[0]}x{shape[1]})"
         )
     val_ids = split_ids(files, "val")
+    unvalidated = "it has no 'val' rows" if not val_ids else ""
+    if val_ids and "clean" not in columns:
+        val_ids, unvalidated = [], "its shards have no clean images to score against"
     if cfg.data.val_max_images is not None:
         val_ids = val_ids[: cfg.data.val_max_images]
     weight = cfg.data.mix_weights[src.name]
     return SourcePlan(
-        src.name, src.noise, weight, files, train_ids, val_ids, 0, (int(shape[0]), int(shape[1]))
-    )
+        src.name, src.noise, weight, files, train_ids, val_ids, 0, (int(shape[0]), int(shape[1])),
+        objective, columns, unvalidated,
+    )  # fmt: skip
 
 
 def _prepare_mix(cfg: TrainConfig, workers: int) -> DataPlan:
@@ -187,12 +244,6 @@ def _prepare_mix(cfg: TrainConfig, workers: int) -> DataPlan:
     every crop and each source's share holds exactly. ``data.val_max_images`` applies per source.
     """
 
-    objective = getattr(cfg.loss, "objective", "supervised")
-    if objective != "supervised":
-        raise ConfigError(
-            f"data.sources: a mix trains supervised only (pairs as they are, clean references with synthetic "
-            f"noise); loss.objective={objective!r} needs data.shards"
-        )
     plans = [_plan_source(cfg, i) for i in range(len(cfg.data.sources or []))]
     n_train = sum(len(p.train_ids) for p in plans)
     steps = epoch_steps(cfg, n_train, workers)
@@ -207,7 +258,10 @@ def _prepare_mix(cfg: TrainConfig, workers: int) -> DataPlan:
     parts = []
     for plan in plans:
         if not plan.val_ids:
-            print(f"semray train: source {plan.name!r} has no 'val' rows; it is trained on but not validated")
+            print(
+                f"semray train: source {plan.name!r} ({plan.objective}) is trained on but not validated: "
+                f"{plan.unvalidated}"
+            )
             continue
         parts.append(
             load_val_batch(
@@ -216,7 +270,10 @@ def _prepare_mix(cfg: TrainConfig, workers: int) -> DataPlan:
             )
         )  # fmt: skip
     if not parts:
-        raise ConfigError(f"data.sources: no rows with split 'val' in any source ({[p.name for p in plans]})")
+        raise ConfigError(
+            f"data.sources: no source can be validated (rows with split 'val' and clean images) among "
+            f"{[p.name for p in plans]}"
+        )
     val_batch = _concat_val_parts(parts)
     _check_metric_source(cfg, val_batch)
     files: list[str] = []
@@ -236,8 +293,9 @@ def _check_metric_source(cfg: TrainConfig, val_batch: dict[str, np.ndarray]) -> 
     mine = np.asarray([str(s) == source for s in val_batch["source"]], dtype=bool)
     if not mine.any():
         raise ConfigError(
-            f"validation.metric={cfg.validation.metric!r}: source {source!r} has no rows with split 'val', "
-            "so it cannot score checkpoints; give it validation images or choose another metric"
+            f"validation.metric={cfg.validation.metric!r}: source {source!r} has no rows with split 'val' "
+            "(or no clean images to score them against), so it cannot score checkpoints; give it validation "
+            "images with clean references or choose another metric"
         )
     known = np.asarray(val_batch["defect_mask_known"], dtype=bool)[mine]
     if cfg.validation.base_metric.startswith("val_defect_") and not known.any():

@@ -42,21 +42,27 @@ def split_ids(files: Sequence[str], split: str) -> list[str]:
     return sorted(ids)
 
 
-def image_shape(files: Sequence[str], split: str) -> tuple[int, int] | None:
-    """(H, W) of the first image of ``split`` (None if there is none); used to validate crop sizes early."""
+def image_shape(files: Sequence[str], split: str, column: str = "clean") -> tuple[int, int] | None:
+    """(H, W) of the first ``column`` image of ``split`` (None if there is none); used to validate crop
+    sizes early (``column="noisy"`` for shards of acquired frames without clean images)."""
     from semray.io import read_shard
 
     for f in files:
-        shard = read_shard(f, columns=["split", "clean"])
+        shard = read_shard(f, columns=["split", column])
         hits = np.flatnonzero(np.asarray(shard["split"]) == split)
         if len(hits):
-            return tuple(np.asarray(shard["clean"][hits[0]]).shape[:2])  # type: ignore[return-value]
+            return tuple(np.asarray(shard[column][hits[0]]).shape[:2])  # type: ignore[return-value]
     return None
 
 
 def has_column(files: Sequence[str], column: str) -> bool:
     """Whether every shard file has ``column``."""
     return all(column in pq.read_schema(f).names for f in files)
+
+
+def first_without(files: Sequence[str], column: str) -> str | None:
+    """The first shard file without ``column`` (None: every file has it); for error messages."""
+    return next((f for f in files if column not in pq.read_schema(f).names), None)
 
 
 def load_val_batch(
