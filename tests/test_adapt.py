@@ -291,6 +291,68 @@ def test_config_checks_the_train_overrides_up_front() -> None:
         load_config(AdaptConfig, None, ["user.val_fraction=1.5"])
 
 
+def test_selfsup_source_is_off_by_default_and_joins_the_mix_as_is() -> None:
+    from semray.config.adapt import SelfSupSource, build_train_config
+
+    args = (None, "u", "s", "/tmp/store")
+    off = build_train_config(load_config(AdaptConfig, None), *args)
+    assert [s.name for s in off.data.sources] == ["user", "synthetic"]  # type: ignore[union-attr]
+    on_cfg = load_config(AdaptConfig, None, ["user.selfsup.enabled=true", "user.selfsup.weight=0.5"])
+    on = build_train_config(on_cfg, *args, selfsup=SelfSupSource("n", "structn2v", 3))
+    src = on.data.sources[2]  # type: ignore[index]
+    assert (src.name, src.noise, src.objective, src.shards) == ("user_noisy", "as_is", "structn2v", ["n"])
+    assert on.data.mix_weights["user_noisy"] == pytest.approx(0.5 / 1.5)
+    assert on.loss.mask.half_length == 3 and on.validation.metric == "val_psnr/user"
+    with pytest.raises(ConfigError, match=r"user.selfsup.objective n2n needs two scans"):
+        load_config(AdaptConfig, None, ["user.selfsup.enabled=true", "user.selfsup.objective=n2n"])
+    with pytest.raises(ConfigError, match=r"user.selfsup.objective"):
+        load_config(AdaptConfig, None, ["user.selfsup.objective=supervised"])
+
+
+def test_selfsup_objective_follows_frames_and_the_calibrated_correlation(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from semray.adapt.driver import _selfsup_source
+
+    def calib(detected: bool, length: float) -> SimpleNamespace:
+        est = SimpleNamespace(detected=detected, value=length)
+        return SimpleNamespace(estimates={"fast_axis_noise_corr": est, "fast_axis_corr_length_px": est})
+
+    on = ["user.selfsup.enabled=true"]
+    assert _selfsup_source(load_config(AdaptConfig, None), calib(True, 1.2), tmp_path) is None
+    got = _selfsup_source(load_config(AdaptConfig, None, on), calib(True, 1.2), tmp_path)
+    assert got is not None and (got.objective, got.half_length) == ("structn2v", 3)  # ceil(2 x 1.2)
+    got = _selfsup_source(load_config(AdaptConfig, None, on), calib(False, 1.2), tmp_path)
+    assert got is not None and got.objective == "n2v"  # no correlation detected: plain blind spot
+    pinned = load_config(AdaptConfig, None, [*on, "selection.half_length=5"])
+    assert _selfsup_source(pinned, calib(False, 0.0), tmp_path).half_length == 5  # type: ignore[union-attr]
+    frames = load_config(AdaptConfig, None, [*on, "frames=true"])
+    assert _selfsup_source(frames, calib(True, 1.2), tmp_path).objective == "n2n"  # type: ignore[union-attr]
+
+
+def test_noisy_records_are_the_training_tiles_of_the_scans(tmp_path: Path) -> None:
+    from semray.adapt.inputs import noisy_records
+
+    rng = np.random.default_rng(2)
+    scans = [rng.random((64, 96), dtype=np.float32) for _ in range(3)]
+    users = read_inputs(_bench().write_pngs(scans, tmp_path), 32, frames=True)
+    tiles = split_tiles([(64, 96)], 32, 0.2, seed=1)
+    train = [t for t in tiles if t.split == "train"]
+    proxy = [np.mean(scans, axis=0)]
+    rows = noisy_records([scans], proxy, users, tiles, pairs=True)  # frames: consecutive scans pair up
+    assert len(rows) == 2 * len(train) and {r["split"] for r in rows} == {"train"}
+    assert len({r["image_id"] for r in rows}) == len(rows)
+    for r in rows:
+        t = next(t for t in train if r["image_id"].startswith(f"user_noisy/0000/y{t.y}x{t.x}/"))
+        k = int(r["image_id"].rsplit("/s", 1)[1])
+        np.testing.assert_array_equal(r["noisy"], t.of(scans[k]))
+        np.testing.assert_array_equal(r["noisy2"], t.of(scans[k + 1]))
+        np.testing.assert_array_equal(r["clean"], t.of(proxy[0]))
+        assert r["source_path"] == str(users[k].path)
+    single = noisy_records([[s] for s in scans], scans, users, split_tiles([(64, 96)] * 3, 32, 0.2, 1), False)
+    assert all("noisy2" not in r for r in single) and all(r["image_id"].endswith("/s0") for r in single)
+
+
 def test_plan_freezes_batchnorm_and_lets_the_train_section_turn_it_off() -> None:
     from semray.config.adapt import build_train_config
 
@@ -497,3 +559,34 @@ def test_adapt_as_a_ray_job_on_a_local_head(ray_head: dict[str, str], tmp_path: 
     assert (tmp_path / "out" / "report.html").is_file()
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert str(MlflowClient(uri).get_model_version_by_alias("semray-adapted", "adapted").version) == "1"
+
+
+def test_adapt_with_frames_adds_a_noise2noise_source_of_the_scans(
+    tmp_path: Path, ray_local: None, mlflow_store: str
+) -> None:
+    """``user.selfsup`` with ``--frames``: consecutive registered scans train Noise2Noise alongside the
+    re-noised averaged proxy and the synthetic patterns."""
+    import pyarrow.parquet as pq
+
+    from semray.adapt.driver import run_adapt
+    from semray.io import read_shard
+    from semray.models.store import load_model
+
+    clean, _ = _bench().domain_images(1, 96, 0.1, 0.5, seed=6)
+    rng = np.random.default_rng(8)
+    scans = [np.clip(clean[0] + 0.1 * rng.standard_normal(clean[0].shape), 0, 1).astype(np.float32)
+             for _ in range(3)]  # fmt: skip
+    sets = [*TINY, "frames=true", "user.selfsup.enabled=true", "keep_work=true"]
+    res = run_adapt(
+        _bench().write_pngs(scans, tmp_path / "in"), tmp_path / "out", load_config(AdaptConfig, None, sets)
+    )
+    train_yaml = (res.out_dir / "train.yaml").read_text()
+    assert "name: user_noisy" in train_yaml and "objective: n2n" in train_yaml
+    _, card = load_model(res.model_dir)
+    by_name = {s["name"]: s for s in card["data_sources"]}
+    assert by_name["user_noisy"]["objective"] == "n2n" and by_name["user_noisy"]["noise"] == "as_is"
+    assert by_name["user"]["objective"] == "supervised" and res.selection["criterion"] == "n2n"
+    files = sorted((res.out_dir / "work" / "shards" / "user_noisy").rglob("*.parquet"))
+    assert files and all({"noisy", "noisy2"} <= set(pq.read_schema(f).names) for f in files)
+    rows = read_shard(files[0], columns=["noisy", "noisy2", "split"])
+    assert set(rows["split"]) == {"train"} and not np.array_equal(rows["noisy"], rows["noisy2"])

@@ -29,12 +29,13 @@ from semray.adapt.inputs import (
     UserImage,
     average_frames,
     held_back_crops,
+    noisy_records,
     read_inputs,
     split_tiles,
     user_records,
     write_user_shards,
 )
-from semray.config.adapt import AdaptConfig
+from semray.config.adapt import AdaptConfig, SelfSupSource
 from semray.config.base import dump_yaml, flatten
 
 CALIB_DIR, MODEL_DIR, FIG_DIR, WORK_DIR = "calibration", "model", "figures", "work"
@@ -172,9 +173,9 @@ def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any,
     clock.lap("calibrate")
     data = _prepare_data(users, cfg)
     clock.lap("proxies")
-    user_dir, synth_dir = _write_shards(data, calib, stage / WORK_DIR / "shards", cfg)
+    user_dir, synth_dir, selfsup = _write_shards(data, calib, stage / WORK_DIR / "shards", cfg)
     clock.lap("shards")
-    trained, tcfg = _fine_tune(cfg, calib, data, user_dir, synth_dir, stage)
+    trained, tcfg = _fine_tune(cfg, calib, data, (user_dir, synth_dir, selfsup), stage)
     clock.lap("train")
     if trained.mlflow_run_id:
         client.set_tag(trained.mlflow_run_id, "mlflow.parentRunId", parent)
@@ -243,12 +244,23 @@ def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
     return _Data(noisy, proxies, list(users), tiles, crops)
 
 
-def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tuple[Path, Path]:
+def _write_shards(
+    data: _Data, calib: Any, root: Path, cfg: AdaptConfig
+) -> tuple[Path, Path, SelfSupSource | None]:
+    """The user-content and synthetic shard folders, and with ``user.selfsup`` the self-supervised source
+    of the noisy training tiles (its shards written too)."""
     from semray.config.base import load_config
     from semray.config.data import DatasetConfig
     from semray.data import synthesize_shards
 
     write_user_shards(user_records(data.proxies, data.users, data.tiles), root / "user")
+    selfsup = _selfsup_source(cfg, calib, root / "user_noisy")
+    if selfsup is not None:
+        scans = [data.noisy] if cfg.frames else [[img] for img in data.noisy]
+        pairs = selfsup.objective == "n2n"
+        write_user_shards(
+            noisy_records(scans, data.proxies, data.users, data.tiles, pairs), Path(selfsup.shards)
+        )
     s = cfg.synthetic
     dcfg = load_config(
         DatasetConfig,
@@ -256,23 +268,39 @@ def _write_shards(data: _Data, calib: Any, root: Path, cfg: AdaptConfig) -> tupl
          "n_test": 0, "noise": calib.noise_config.model_dump(mode="json")},
     )  # fmt: skip
     synthesize_shards(dcfg, root / "synthetic", parallel=False, progress=False)
-    return root / "user", root / "synthetic"
+    return root / "user", root / "synthetic", selfsup
 
 
 def _fine_tune(
-    cfg: AdaptConfig, calib: Any, data: _Data, user: Path, synth: Path, stage: Path
+    cfg: AdaptConfig, calib: Any, data: _Data, shards: tuple[Path, Path, SelfSupSource | None], stage: Path
 ) -> tuple[Any, Any]:
+    """Train on the mix of ``shards`` (user content, synthetic, optional self-supervised source)."""
     from semray.config.adapt import build_train_config
     from semray.train.runner import train
 
+    user, synth, selfsup = shards
     side = min([min(t.size_y, t.size_x) for t in data.tiles] + [cfg.synthetic.size_px])
     crop = max(16, min(cfg.optim.crop_px, side) // 8 * 8)
     tcfg = build_train_config(
         cfg, calib.noise_config, str(user), str(synth), str(stage / WORK_DIR / "train"),
-        run_name="adapt-train", crop_px=crop, val_crop_px=max(16, min(128, side) // 8 * 8),
+        run_name="adapt-train", crop_px=crop, val_crop_px=max(16, min(128, side) // 8 * 8), selfsup=selfsup,
     )  # fmt: skip
     (stage / "train.yaml").write_text(dump_yaml(tcfg))
     return train(tcfg), tcfg
+
+
+def _selfsup_source(cfg: AdaptConfig, calib: Any, folder: Path) -> SelfSupSource | None:
+    """``user.selfsup`` resolved (None when off): ``auto`` is n2n with ``frames``, else structn2v with the
+    blind segment of the checkpoint score (:func:`_half_length`), or n2v when no fast-axis correlation
+    was detected (half-length 0)."""
+    s = cfg.user.selfsup
+    if not s.enabled:
+        return None
+    half = _half_length(cfg, calib)
+    objective = s.objective
+    if objective == "auto":
+        objective = "n2n" if cfg.frames else ("structn2v" if half > 0 else "n2v")
+    return SelfSupSource(str(folder), objective, max(1, half))
 
 
 def _half_length(cfg: AdaptConfig, calib: Any) -> int:

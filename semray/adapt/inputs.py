@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from semray.io import IMAGE_SUFFIXES, ImageReadError, iter_pages, list_images, p
 
 #: ``pattern`` column of the user-content shards.
 USER_PATTERN = "user"
+#: Image-id prefix of the user's noisy tiles (the self-supervised source, ``user.selfsup``).
+NOISY_PATTERN = "user_noisy"
 
 
 class AdaptInputError(ValueError):
@@ -226,6 +229,43 @@ def user_records(
                 "crop_x": t.x,
             }
         )
+    return rows
+
+
+def noisy_records(
+    scans: Sequence[Sequence[np.ndarray]],
+    proxies: Sequence[np.ndarray],
+    sources: Sequence[UserImage],
+    tiles: Sequence[Tile],
+    pairs: bool,
+) -> list[dict[str, Any]]:
+    """Shard rows of the user's noisy *training* tiles, for a self-supervised source (``user.selfsup``).
+
+    Args:
+        scans: per proxy, its noisy scans as acquired: ``[[image]]`` per input image, or with ``frames``
+            one entry holding every registered frame of the field (float32 (H, W) in [0, 1]).
+        proxies, sources, tiles: as for :func:`user_records` (only ``train`` tiles are used: the
+            held-back ``val`` tiles choose the checkpoint and must not be trained on).
+        pairs: Noise2Noise rows: ``noisy`` a tile of scan k, ``noisy2`` the same tile of scan k + 1
+            (needs two scans or more); else one row per scan with ``noisy`` only.
+
+    Returns:
+        Rows of :func:`user_records` (``clean`` = the proxy's tile, for the shard schema; a
+        self-supervised source does not train against it) with ``noisy`` (and ``noisy2``), all of split
+        ``train``, ids ``user_noisy/<image>/y<y>x<x>/s<k>``.
+    """
+    train = [t for t in tiles if t.split == "train"]
+    rows = []
+    for base, t in zip(user_records(proxies, sources, train), train, strict=True):
+        frames = [np.asarray(f, dtype=np.float32) for f in scans[t.index]]
+        sets = list(pairwise(frames)) if pairs else [(f,) for f in frames]
+        for k, scan in enumerate(sets):
+            src = sources[k] if len(frames) > 1 else sources[t.index]
+            row = {**base, "image_id": f"{NOISY_PATTERN}/{t.index:04d}/y{t.y}x{t.x}/s{k}",
+                   "source_path": str(src.path), "page": src.page, "noisy": t.of(scan[0]).copy()}  # fmt: skip
+            if pairs:
+                row["noisy2"] = t.of(scan[1]).copy()
+            rows.append(row)
     return rows
 
 

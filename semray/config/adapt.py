@@ -19,7 +19,8 @@ Defaults are sized for the budget in the README: 20 images of 1024 x 1024 in at 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,6 +34,26 @@ if TYPE_CHECKING:
 USER_SOURCE = "user"
 #: Name of the synthetic-pattern source in the training mix.
 SYNTH_SOURCE = "synthetic"
+#: Name of the self-supervised source of the user's noisy tiles (``user.selfsup``).
+USER_NOISY_SOURCE = "user_noisy"
+
+
+class UserSelfSupSection(StrictModel):
+    """A self-supervised term on the user's own noisy pixels: their training tiles as a third source of the
+    mix, trained blind-spot (structN2V, mask along the fast axis) or, with ``frames``, Noise2Noise."""
+
+    enabled: bool = Field(
+        False, description="Add the user's noisy training tiles as a self-supervised source."
+    )
+    weight: float = Field(
+        0.3, gt=0, le=1000, description="Share of the training crops from the noisy tiles (like user.weight)."
+    )
+    objective: Literal["auto", "structn2v", "n2v", "n2n"] = Field(
+        "auto",
+        description="auto: n2n between consecutive registered scans with `frames`, else structn2v with the "
+        "blind segment's half-length from the calibrated fast-axis correlation (selection.half_length when "
+        "set; n2v when no correlation was detected). n2n needs `frames`.",
+    )
 
 
 class UserContentSection(StrictModel):
@@ -59,6 +80,10 @@ class UserContentSection(StrictModel):
         ge=32,
         le=4096,
         description="Smallest image side accepted (px); smaller images are refused by name.",
+    )
+    selfsup: UserSelfSupSection = Field(
+        default_factory=UserSelfSupSection,
+        description="Self-supervised term on the noisy tiles (off by default).",
     )
 
 
@@ -170,16 +195,39 @@ class AdaptConfig(StrictModel):
     )
 
     @model_validator(mode="after")
+    def _n2n_needs_frames(self) -> AdaptConfig:
+        s = self.user.selfsup
+        if s.enabled and s.objective == "n2n" and not self.frames:
+            raise ValueError(
+                "user.selfsup.objective n2n needs two scans of one field (frames: true / --frames); use "
+                "structn2v or auto for independent images"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _train_overrides_valid(self) -> AdaptConfig:
         # Built here so a bad `train` entry fails before calibration, naming the field.
         from semray.config.base import ConfigError
 
         try:
-            build_train_config(self, noise=None, user_shards="user", synth_shards="synthetic", storage="runs")
+            build_train_config(
+                self, noise=None, user_shards="user", synth_shards="synthetic", storage="runs",
+                selfsup=SelfSupSource("user_noisy", "structn2v", 2) if self.user.selfsup.enabled else None,
+            )  # fmt: skip
         except ConfigError as e:
             detail = str(e).split("\n", 1)[-1].strip()
             raise ValueError(f"`train` does not make a valid TrainConfig: {detail}") from None
         return self
+
+
+@dataclass(frozen=True)
+class SelfSupSource:
+    """The resolved self-supervised source (``user.selfsup``): its shard folder, objective (``n2v``,
+    ``structn2v`` or ``n2n``) and structN2V blind-segment half-length (px, >= 1; ``loss.mask``)."""
+
+    shards: str
+    objective: str
+    half_length: int
 
 
 def build_train_config(
@@ -191,11 +239,14 @@ def build_train_config(
     run_name: str | None = None,
     crop_px: int | None = None,
     val_crop_px: int = 128,
+    selfsup: SelfSupSource | None = None,
 ) -> TrainConfig:
     """The fine-tune: the init model on a mix of the user's content and synthetic patterns.
 
     Both sources are ``noise: synthesize``: their clean (proxy) images get the *fitted* noise, fresh
-    every epoch (fixed for validation), so every training pair is (fitted noise on X, X). Every epoch is
+    every epoch (fixed for validation), so every training pair is (fitted noise on X, X). With
+    ``selfsup`` a third source trains on the user's own noisy training tiles as they are
+    (``noise: as_is``) with a self-supervised objective; it has no validation rows. Every epoch is
     checkpointed (``keep_best = epochs``) because the checkpoint is chosen afterwards without clean
     images; the child run registers nothing itself (the chosen one is registered by the driver).
 
@@ -204,16 +255,23 @@ def build_train_config(
         user_shards, synth_shards: shard folders of the two sources. storage: Ray Train storage path.
         crop_px: training crop side (None: ``cfg.optim.crop_px``; smaller when the tiles are smaller).
         val_crop_px: side of the fixed validation crops (<= the smallest tile).
+        selfsup: the self-supervised source of the noisy tiles (None: none).
     """
     o = cfg.optim
+    sources = [
+        {"name": USER_SOURCE, "shards": user_shards, "weight": cfg.user.weight},
+        {"name": SYNTH_SOURCE, "shards": synth_shards, "weight": cfg.synthetic.weight},
+    ]
+    if selfsup is not None:
+        sources.append(
+            {"name": USER_NOISY_SOURCE, "shards": selfsup.shards, "weight": cfg.user.selfsup.weight,
+             "noise": "as_is", "objective": selfsup.objective}
+        )  # fmt: skip
     base: dict[str, Any] = {
         "seed": cfg.seed,
         "init": cfg.init,
         "data": {
-            "sources": [
-                {"name": USER_SOURCE, "shards": user_shards, "weight": cfg.user.weight},
-                {"name": SYNTH_SOURCE, "shards": synth_shards, "weight": cfg.synthetic.weight},
-            ],
+            "sources": sources,
             "crop_px": crop_px or o.crop_px,
             "batch_size": o.batch_size,
             "crops_per_image": 4,
@@ -236,4 +294,6 @@ def build_train_config(
     }
     if noise is not None:
         base["noise"] = noise.model_dump(mode="json")
+    if selfsup is not None:
+        base["loss"] = {"mask": {"half_length": selfsup.half_length}}
     return load_config(TrainConfig, deep_merge(base, cfg.train))

@@ -412,8 +412,8 @@ def _card_extra(init: InitModel | None, plan: DataPlan) -> dict[str, Any]:
         extra["parent"] = init.card_entry()
     if plan.sources:
         extra["data_sources"] = [
-            {"name": p.name, "noise": p.noise, "weight": p.weight, "crops_per_epoch": p.crops_per_epoch,
-             "n_train": len(p.train_ids), "shards": list(p.files)}
+            {"name": p.name, "noise": p.noise, "objective": p.objective, "weight": p.weight,
+             "crops_per_epoch": p.crops_per_epoch, "n_train": len(p.train_ids), "shards": list(p.files)}
             for p in plan.sources
         ]  # fmt: skip
     return extra
