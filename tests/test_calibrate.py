@@ -470,6 +470,77 @@ def test_fast_axis_correlation_of_the_noise_model_is_recovered(dose: float) -> N
     assert result.noise_config.bandwidth.enabled
 
 
+def test_closure_summary_gives_the_verdict_first() -> None:
+    """The CLI's closure line: within target with the largest errors, or where it misses; no data is
+    said to be unmeasured, never met."""
+    from semray.calibrate.closure import closure_summary
+
+    ok = {
+        "mv_bin_mean": [0.2, 0.5, None],
+        "mv_rel_error": [0.05, -0.08, None],
+        "mv_rel_error_max": 0.08,
+        "acf_x_real": [0.1, 0.05, 0.0],
+        "acf_x_synthetic": [0.12, 0.04, 0.0],
+        "acf_y_real": [0.0] * 3,
+        "acf_y_synthetic": [0.01] * 3,
+        "acf_abs_error_max": 0.02,
+    }
+    line = closure_summary(ok, 4, 10)
+    assert line.startswith("closure: within target (on 4 of 10 images)")
+    assert "variance within 8.0 %" in line and "autocorrelation within 0.020" in line
+    bad = ok | {"mv_rel_error": [0.05, -0.3, 0.12], "mv_rel_error_max": 0.3}
+    line = closure_summary(bad, 1)
+    assert line.startswith("closure: MISSES target (on 1 image)")
+    assert "-30 % off the real one at intensity 0.5" in line and "autocorrelation" not in line
+    no_acf = ok | {"acf_x_real": [None] * 3, "acf_y_real": [None] * 3, "acf_abs_error_max": None}
+    line = closure_summary(no_acf, 2)
+    assert line.startswith("closure: within target") and "autocorrelation not measured" in line
+    assert closure_summary({}, 2).startswith("closure: not measured")
+
+
+def test_cli_calibrates_every_page_of_a_multipage_tiff(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each page is an image of its own, named ``file.tif[page k]`` as ``semray adapt`` names it, and
+    the terminal says whether the fit's look-alikes reproduce the images (the JSON's closure)."""
+    from sem_files import write_multipage
+
+    stack = tmp_path / "stack.tif"
+    write_multipage(stack, pages=3, shape=(128, 160))
+    out = tmp_path / "cal" / "noise.yaml"
+    assert main(["calibrate-noise", str(stack), "--out", str(out), "--set", "n_synthetic=1"]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    names = [f"{stack}[page {k}]" for k in range(3)]
+    assert payload["images"] == [str(stack)] and payload["pages"] == names
+    assert len(payload["per_image"]) == 3 and payload["closure"]["images"] == names
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("closure:")]
+    assert len(lines) == 1
+    c = payload["closure"]
+    if c["mv_within_target"] and c["acf_within_target"]:
+        assert lines[0].startswith("closure: within target (on 3 images)")
+        assert f"variance within {100 * c['mv_rel_error_max']:.1f} %" in lines[0]
+    else:
+        assert lines[0].startswith("closure: MISSES target (on 3 images)")
+
+
+def test_cli_refuses_a_thumbnail_page_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A reduced-resolution preview page (NewSubfileType bit 0) is refused by name, as ``semray adapt``
+    refuses it, instead of being calibrated on (its noise is averaged down) or dropped silently."""
+    import tifffile
+    from sem_files import write_multipage
+
+    data = write_multipage(tmp_path / "src.tif", pages=1, shape=(128, 160))
+    bad = tmp_path / "with_thumb.tif"
+    with tifffile.TiffWriter(bad) as tw:
+        tw.write(data[0], photometric="minisblack")
+        tw.write(data[0][::4, ::4], photometric="minisblack", subfiletype=1)
+    out = tmp_path / "n.yaml"
+    assert main(["calibrate-noise", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}[page 1]: reduced-resolution preview page (thumbnail)" in err
+    assert f"{bad}[page 0]" not in err and not out.exists()
+
+
 def test_constant_image_is_a_clear_error_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,7 +1,8 @@
 """The user's noisy images for ``semray adapt``: reading and checking them, frame averaging, the tile
 split, and the user-content shards.
 
-Everything here is plain numpy (plus the image reader and the shard writer); no Ray, no torch.
+Everything here is plain numpy (plus the page reader shared with calibration and the shard writer); no
+Ray, no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from semray.io import IMAGE_SUFFIXES, ImageReadError, iter_pages, list_images, page_name, write_shard
+from semray.calibrate.inputs import read_noisy_pages
+from semray.io import IMAGE_SUFFIXES, list_images, page_name, write_shard
 
 #: ``pattern`` column of the user-content shards.
 USER_PATTERN = "user"
@@ -83,25 +85,18 @@ def read_inputs(inputs: Sequence[str | Path], min_side_px: int, frames: bool) ->
 
     Refused (all problems in one message, each naming its files and pages): missing or unreadable files
     or pages, reduced-resolution preview pages (thumbnails), images with a side under ``min_side_px``,
-    constant images, files of different dtypes (8-bit and 16-bit grey levels are different intensity
-    scales, which one noise model cannot describe), and with ``frames`` images of different shapes
-    (repeated scans of one field have one size) or fewer than two.
+    constant images (these four found by :func:`semray.calibrate.inputs.read_noisy_pages`, which
+    ``semray calibrate-noise`` reads with too), files of different dtypes (8-bit and 16-bit grey levels
+    are different intensity scales, which one noise model cannot describe), and with ``frames`` images
+    of different shapes (repeated scans of one field have one size) or fewer than two.
 
     Raises:
         AdaptInputError: any of the above.
     """
     paths, problems = _list(inputs)
-    images: list[UserImage] = []
-    for p in paths:
-        try:
-            for img, meta in iter_pages(p):
-                u = UserImage(p, img, meta.dtype, meta.page, meta.pages)
-                if problem := _unusable(u, meta.subfiletype, min_side_px):
-                    problems.append(problem)
-                else:
-                    images.append(u)
-        except ImageReadError as e:  # names the file (and the page); the pages before it are kept
-            problems.append(f"unreadable: {e}")
+    pages, unusable = read_noisy_pages(paths, min_side_px)
+    problems += unusable
+    images = [UserImage(pg.path, pg.image, pg.meta.dtype, pg.meta.page, pg.meta.pages) for pg in pages]
     problems += _mixed(images, "dtype", lambda u: u.dtype, "grey-level scales cannot share one noise model")
     if frames:
         problems += _mixed(
@@ -114,22 +109,6 @@ def read_inputs(inputs: Sequence[str | Path], min_side_px: int, frames: bool) ->
     if problems:
         raise AdaptInputError("cannot adapt to these images:\n  " + "\n  ".join(problems))
     return images
-
-
-def _unusable(u: UserImage, subfiletype: int, min_side_px: int) -> str | None:
-    """Why one page cannot be adapted to (a thumbnail, too small, constant), naming it; None when it can."""
-    if subfiletype & 1:  # TIFF NewSubfileType bit 0, as semray ingest skips them
-        return (
-            f"{u.name}: reduced-resolution preview page (thumbnail): its noise is averaged down, not your "
-            "detector's; save the full-resolution pages without it"
-        )
-    h, w = u.image.shape
-    if min(h, w) < min_side_px:
-        return f"{u.name}: {h}x{w} px is too small (each side must be >= {min_side_px} px)"
-    lo, hi = float(u.image.min()), float(u.image.max())
-    if lo == hi:
-        return f"{u.name}: constant image (value {lo:.4g}): no noise to calibrate, nothing to denoise"
-    return None
 
 
 def _mixed(images: Sequence[UserImage], what: str, key: Any, why: str) -> list[str]:

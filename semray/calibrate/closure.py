@@ -9,7 +9,8 @@ same edges for both), lag 0-3 noise autocorrelation along x and y (detrended fla
 :mod:`semray.calibrate.correlation`), the row-mean spectrum, the censored fractions at the window's
 ends and the charging asymmetry. :func:`closure_residuals` compares them against the targets of
 issue 20: variance within 10 % in every bin, autocorrelation within 0.05 at lags 1-3;
-:func:`closure_warnings` says in words where they are missed (``semray adapt``'s report shows them).
+:func:`closure_warnings` says in words where they are missed (``semray adapt``'s report shows them) and
+:func:`closure_summary` gives the verdict in one line (``semray calibrate-noise`` prints it).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "NoiseStatistics",
     "closure",
     "closure_residuals",
+    "closure_summary",
     "closure_warnings",
     "noise_statistics",
     "pseudo_clean",
@@ -258,3 +260,36 @@ def closure_warnings(residuals: dict[str, Any]) -> list[str]:
             f"(target within {ACF_TARGET:g} at lags 1-3)"
         )
     return out
+
+
+def closure_summary(residuals: dict[str, Any], n_compared: int, n_images: int | None = None) -> str:
+    """One line, verdict first: do look-alikes synthesised from the fit reproduce the real images' noise?
+
+    ``within target`` with the largest variance and autocorrelation errors, or ``MISSES target`` with
+    :func:`closure_warnings`' worst bin and lag; a part without data (no bin or lag with enough flat
+    samples) is said to be unmeasured, never counted as met.
+
+    Args:
+        residuals: :func:`closure_residuals`' dict (or its JSON form, None for NaN).
+        n_compared: how many real images the closure compared (the first ones calibrated on).
+        n_images: how many were calibrated on (said when more than ``n_compared``).
+    """
+    mv, acf = _num(residuals.get("mv_rel_error_max")), _num(residuals.get("acf_abs_error_max"))
+    unmeasured = [what for what, v in (("variance", mv), ("autocorrelation", acf)) if not math.isfinite(v)]
+    misses = closure_warnings(residuals)
+    of = f" of {n_images}" if n_images is not None and n_images > n_compared else ""
+    on = f"on {n_compared}{of} image{'s' if (n_images or n_compared) != 1 else ''}"
+    if misses:
+        verdict = f"MISSES target ({on}): " + "; ".join(misses)
+    elif len(unmeasured) == 2:
+        return f"closure: not measured ({on}): no intensity bin or lag with enough flat-patch samples"
+    else:
+        parts = []
+        if math.isfinite(mv):
+            parts.append(f"variance within {100 * mv:.1f} % in every bin (target {100 * MV_TARGET:.0f} %)")
+        if math.isfinite(acf):
+            parts.append(f"autocorrelation within {acf:.3f} at lags 1-3 (target {ACF_TARGET:g})")
+        verdict = f"within target ({on}): " + ", ".join(parts)
+    if unmeasured:
+        verdict += f"; {' and '.join(unmeasured)} not measured (too few flat-patch samples)"
+    return f"closure: {verdict}"

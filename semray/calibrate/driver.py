@@ -425,26 +425,23 @@ def calibrate(images: Sequence[np.ndarray], cfg: CalibrationConfig | None = None
 
 
 def _read_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[np.ndarray], list[str]]:
-    """Every page of every image under ``inputs``: ``(files, images, one label per image)``; a clear
-    error naming the file for a page that holds nothing to fit (constant, or under 16 x 16)."""
-    from semray.io import IMAGE_SUFFIXES, iter_pages, list_images, page_name
+    """Every page of every image under ``inputs``: ``(files, images, one name per image)``.
+
+    Pages are read as ``semray adapt`` reads them (:func:`semray.calibrate.inputs.read_noisy_pages`):
+    each page of a multipage TIFF is an image named ``file.tif[page k]``. Unreadable pages, thumbnails
+    (reduced-resolution previews), pages under 16 x 16 and constant pages raise one ``ValueError``
+    naming each of them; none is dropped silently.
+    """
+    from semray.calibrate.inputs import read_noisy_pages
+    from semray.io import IMAGE_SUFFIXES, list_images
 
     paths = [p for src in inputs for p in list_images(src)]
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {[str(s) for s in inputs]}")
-    images, labels = [], []
-    for p in paths:
-        for z, meta in iter_pages(p):  # every page of a multipage TIFF
-            where = page_name(p, meta.page, meta.pages)
-            if z.ndim != 2 or min(z.shape) < 16:
-                raise ValueError(
-                    f"{where}: image of shape {z.shape} is too small to calibrate (need >= 16 x 16)"
-                )
-            if float(np.ptp(z)) == 0.0:
-                raise ValueError(f"{where}: the image is constant (one grey level): nothing to calibrate")
-            images.append(z)
-            labels.append(where)
-    return paths, images, labels
+    pages, problems = read_noisy_pages(paths, min_side_px=16)
+    if problems:
+        raise ValueError("cannot calibrate on these images:\n  " + "\n  ".join(problems))
+    return paths, [pg.image for pg in pages], [pg.name for pg in pages]
 
 
 def run_calibration(
@@ -458,7 +455,9 @@ def run_calibration(
     from the fit and compare, :mod:`semray.calibrate.closure`), write the NoiseConfig YAML, the JSON
     (estimates, closure residuals) and the figure.
 
-    ``json_path``/``figure_path`` default to ``out_yaml`` with ``.json``/``.png`` suffixes.
+    The JSON's ``images`` lists the files, ``pages`` every image calibrated on (``file.tif[page k]`` for
+    a page of a multipage file; the order of ``per_image``). ``json_path``/``figure_path`` default to
+    ``out_yaml`` with ``.json``/``.png`` suffixes.
     """
     cfg = cfg or CalibrationConfig()
     paths, images, labels = _read_images(inputs)
@@ -469,7 +468,7 @@ def run_calibration(
     out_yaml = Path(out_yaml)
     out_yaml.parent.mkdir(parents=True, exist_ok=True)
     out_yaml.write_text(dump_yaml(result.noise_config))
-    payload = result.to_json() | {"images": [str(p) for p in paths]}
+    payload = result.to_json() | {"images": [str(p) for p in paths], "pages": labels}
     Path(json_path or out_yaml.with_suffix(".json")).write_text(json.dumps(payload, indent=2))
     calibration_figure(
         real_stats, synth_stats, result, figure_path or out_yaml.with_suffix(".png"), shown[0], synth[0]

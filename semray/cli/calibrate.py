@@ -2,7 +2,10 @@
 
 Writes the :class:`~semray.config.noise.NoiseConfig` YAML the synthesis stage uses directly, a JSON of
 the raw estimates with standard errors and assumptions, and a comparison figure (real vs synthetic
-noise statistics). The work is :func:`semray.calibrate.run_calibration`.
+noise statistics), and prints the closure verdict (:func:`semray.calibrate.closure.closure_summary`:
+variance within 10 % per bin, autocorrelation within 0.05 at lags 1-3, or where it misses). Every
+page of a multipage TIFF is an image of its own (``file.tif[page k]``); thumbnail pages are
+refused. The work is :func:`semray.calibrate.run_calibration`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from semray.calibrate import run_calibration
+    from semray.calibrate import closure_summary, run_calibration
     from semray.cli import UsageError
     from semray.io import ImageReadError
 
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     e = result.estimates
     on = [name for name, sub in result.noise_config if getattr(sub, "enabled", False)]
     print(f"wrote {args.out} (components on: {', '.join(on) or 'none'})")
+    compared = len(result.closure.get("images", []))
+    print(f"  {closure_summary(result.closure, compared, len(result.per_image))}")
     print(
         f"  dose {e['dose_e_per_px'].value:.4g} +- {e['dose_e_per_px'].stderr:.2g} e/px (given assumed "
         f"yields/cv), read noise {e['read_noise_sigma'].value:.3g}, row offset "
