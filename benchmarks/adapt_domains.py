@@ -204,7 +204,7 @@ def scans(
     return [domain.scan(f.content, level, scan_rng(seed, i, scan, level)) for i, f in enumerate(fields)]
 
 
-def write_pngs(images: Sequence[np.ndarray], folder: Path, dtype: str) -> list[Path]:
+def write_pngs(images: Sequence[np.ndarray], folder: Path, dtype: str = "uint16") -> list[Path]:
     """``img_000.png``... of float32 [0, 1] images as ``dtype`` PNGs (what a user would hand to semray adapt)."""
     from semray.io import ImageMeta, write_image
 

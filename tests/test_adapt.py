@@ -572,7 +572,7 @@ def test_adapt_with_frames_adds_a_noise2noise_source_of_the_scans(
     from semray.io import read_shard
     from semray.models.store import load_model
 
-    clean, _ = _bench().domain_images(1, 96, 0.1, 0.5, seed=6)
+    clean, _ = _domain_images(1, 96, seed=6)
     rng = np.random.default_rng(8)
     scans = [np.clip(clean[0] + 0.1 * rng.standard_normal(clean[0].shape), 0, 1).astype(np.float32)
              for _ in range(3)]  # fmt: skip
