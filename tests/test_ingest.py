@@ -314,6 +314,25 @@ def test_registration_recovers_a_subpixel_shift() -> None:
     assert after < 0.7 * before
 
 
+def test_bounded_registration_keeps_to_its_search_window() -> None:
+    """Within the bound it recovers the shift as the unbounded search does; on a periodic pattern the
+    answer stays inside the bound, at the nearest copy of the period."""
+    true = (1.3, -0.7)
+    noisy, clean = _shifted_pair((96, 96), true, seed=5)
+    _, (dy, dx) = register_pair(noisy, clean, upsample_factor=20, max_shift_px=4)
+    assert abs(dy + true[0]) < 0.1 and abs(dx + true[1]) < 0.1
+    # stripes of period 12 along y, the moving copy one period plus 1 px away: every multiple of the
+    # period correlates alike, and the bounded search must answer within |shift| <= 3
+    y = np.arange(128, dtype=np.float64)[:, None] * np.ones((1, 128))
+    ref = 0.5 + 0.4 * np.sin(2 * np.pi * y / 12.0)
+    mov = np.roll(ref, 13, axis=0)
+    _, (dy, dx) = register_pair(mov.astype(np.float32), ref.astype(np.float32), max_shift_px=3)
+    assert abs(dy) <= 3 + 1e-6 and abs(dx) <= 3 + 1e-6
+    assert abs(dy - -1.0) < 0.2  # the nearest copy of the period: 13 - 12 = 1 px
+    with pytest.raises(ValueError, match="max_shift_px"):
+        register_pair(noisy, clean, max_shift_px=-1)
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="exceeds 1"):
         load_config(IngestConfig, {"val_fraction": 0.6, "test_fraction": 0.5})

@@ -227,7 +227,7 @@ def _calibrate(users: Sequence[UserImage], out: Path, cfg: AdaptConfig) -> Any:
 
 def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
     if cfg.frames:
-        frames, mean, shifts = average_frames([u.image for u in users])
+        frames, mean, shifts = average_frames([u.image for u in users], cfg.frames_max_shift_px)
         tiles = split_tiles([mean.shape], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
         s = cfg.selection
         crops = held_back_crops([frames[0]], tiles, s.crop_px, s.max_crops)

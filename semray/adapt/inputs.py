@@ -121,7 +121,9 @@ def _mixed(images: Sequence[UserImage], what: str, key: Any, why: str) -> list[s
     return [f"mixed {what}s ({why}): {listing}"]
 
 
-def average_frames(images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[list[float]]]:
+def average_frames(
+    images: Sequence[np.ndarray], max_shift_px: float | None = None
+) -> tuple[list[np.ndarray], np.ndarray, list[list[float]]]:
     """Register repeated scans of one field onto the first and average them.
 
     Uses :func:`semray.ingest.register_pair` (sub-pixel cross-correlation + spline shift) and trims the
@@ -129,6 +131,8 @@ def average_frames(images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.n
 
     Args:
         images: K >= 2 float32 (H, W) frames in [0, 1], one shape.
+        max_shift_px: the largest drift searched (px per axis; None: unbounded), see
+            :func:`semray.ingest.register_pair`.
 
     Returns:
         ``(registered frames, their mean, shifts [dy, dx] per frame)``; frames and mean are float32
@@ -139,7 +143,7 @@ def average_frames(images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.n
     ref = np.asarray(images[0], dtype=np.float32)
     moved, shifts = [ref], [[0.0, 0.0]]
     for img in images[1:]:
-        reg, (dy, dx) = register_pair(np.asarray(img, dtype=np.float32), ref)
+        reg, (dy, dx) = register_pair(np.asarray(img, dtype=np.float32), ref, max_shift_px=max_shift_px)
         moved.append(reg)
         shifts.append([dy, dx])
     m = math.ceil(max(max(abs(a), abs(b)) for a, b in shifts))

@@ -178,6 +178,14 @@ class AdaptConfig(StrictModel):
         "average as the clean proxy (instead of the init model's output); the checkpoint is then chosen by a "
         "Noise2Noise score between independent scans.",
     )
+    frames_max_shift_px: float = Field(
+        16.0,
+        ge=0,
+        le=4096,
+        description="With `frames`: the largest drift between scans searched by the registration (px, per "
+        "axis). A periodic pattern correlates almost equally at every multiple of its period, so an unbounded "
+        "search picks a far peak under noise (17-20 px measured on exact scans of a line array).",
+    )
     user: UserContentSection = Field(default_factory=UserContentSection, description="User content source.")
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection, description="Synthetic source.")
     optim: AdaptOptimSection = Field(default_factory=AdaptOptimSection, description="Fine-tune budget.")
