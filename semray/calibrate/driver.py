@@ -260,12 +260,12 @@ def _variance(run: _Run) -> tuple[dict[str, Estimate], list[str]]:
     jit = run.est["line_jitter_px"]
     jitter = jit.value if jit.detected else 0.0
     rx, ry = run.est["fast_axis_noise_corr"], run.est["slow_axis_noise_corr"]
-    var = corrected_variance(s, rx, ry, cfg.patch_px, jitter)
+    var = corrected_variance(s, rx, ry, jitter)
     # The correction undershoots at sharp edges (the blurred gradient is smaller than the true one), so
     # y samples where jitter would add more than 2 % of the noise are left out as well.
     a0, b0 = run.noise0
     share = jitter**2 * s.grad_x2 / np.maximum(a0 * s.mean + b0, 1e-12)
-    keep = (s.direction == 0) | (share <= 0.02)
+    keep = np.isfinite(var) & ((s.direction == 0) | (share <= 0.02))
     s = VarianceSamples(*(getattr(s, f)[keep] for f in VarianceSamples.__dataclass_fields__))
     var = var[keep]
     model, used, warnings = _censored_fit(run, s, var)

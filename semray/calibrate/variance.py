@@ -34,9 +34,8 @@ class PatchStats:
     ``v1``, ``v2``, ``flat``: shape (n, 2, 2) = [patch, direction, parity of the variance lines];
     direction 0 differences along x within rows, direction 1 along y within columns.
     ``v1``/``v2``: half mean squared difference at lag 1/2 (the variogram; the noise variance for white
-    noise on a flat signal). Along y the mean over the patch's columns is removed from every
-    difference first, which cancels row offsets, row gains and drift exactly; the result is divided by
-    ``1 - 2 / p`` so white noise still gives its variance. ``energy``: energy of the x- (or y-)
+    noise on a flat signal). Along y the differences are taken after :func:`without_row_steps`, which
+    cancels row offsets (and row gains at each row's typical intensity) over the full row. ``energy``: energy of the x- (or y-)
     derivative of the image smoothed along that axis on the *other* lines, scaled so that white noise
     of variance ``v`` gives ``v`` (flat signal: the noise variance; edges: much more); the flatness
     ratio is ``energy`` over a noise variance (:func:`flat_samples`). ``mean`` (n,): patch mean.
@@ -60,27 +59,31 @@ class PatchStats:
         return concat_rows(items)
 
 
-def _line_stats(t: np.ndarray, p: int, remove_line_mean: bool) -> tuple[np.ndarray, ...]:
+def _line_stats(t: np.ndarray, p: int) -> tuple[np.ndarray, ...]:
     """``v1, v2, energy`` of shape (n_a, n_b, 2) for differences along the last axis of ``t``."""
     b = blocks(t, p)
-    m = p // 2
-    white = 1.0 - 1.0 / m if remove_line_mean else 1.0
     grad = blocks(np.gradient(gaussian_filter1d(t, 1.0, axis=1, mode="nearest"), axis=1), p)
-    energy_white = kernel_energy(1.0, 0, 1) * white
     out = np.empty((3, *b.shape[:2], 2))
     for par in (0, 1):
         lines = b[:, :, par::2, :]
         for i, lag in enumerate((1, 2)):
             d = lines[..., lag:] - lines[..., :-lag]
-            if remove_line_mean:
-                d = d - d.mean(axis=2, keepdims=True)
-            out[i, ..., par] = 0.5 * np.mean(d * d, axis=(2, 3)) / white
-    for par in (0, 1):
+            out[i, ..., par] = 0.5 * np.mean(d * d, axis=(2, 3))
         g = grad[:, :, 1 - par :: 2, :]
-        if remove_line_mean:
-            g = g - g.mean(axis=2, keepdims=True)
-        out[2, ..., par] = np.mean(g * g, axis=(2, 3)) / energy_white
+        out[2, ..., par] = np.mean(g * g, axis=(2, 3)) / kernel_energy(1.0, 0, 1)
     return out[0], out[1], out[2]
+
+
+def without_row_steps(z: np.ndarray) -> np.ndarray:
+    """``z`` (float (H, W)) less a per-row offset whose step between rows ``y`` and ``y + 1`` is the
+    median over the full row of ``z[y + 1] - z[y]``: row offsets (and row gains at the row's typical
+    intensity) cancel from differences along y, and what is removed spans all ``W`` columns, so it
+    takes a share of only about ``0.43 / W`` of white noise (median of ``W`` Gaussian differences:
+    ``1 - 2 / W + (pi / 2) / W``), and of correlated noise about its summed autocorrelation over ``W``,
+    whatever the correlation's shape along x. (The mean over a patch's 4 same-parity columns took
+    ``1 / 4`` of white noise and an x-correlation-dependent share that 8-px lines cannot measure.)"""
+    steps = np.median(np.diff(z, axis=0), axis=1)
+    return z - np.concatenate([[0.0], np.cumsum(steps)])[:, None]
 
 
 def patch_stats(
@@ -94,8 +97,8 @@ def patch_stats(
         raise ValueError(f"patch_px must be even and >= 4, got {p}")
     t = blocks(z, p)
     n = t.shape[0] * t.shape[1]
-    xs = _line_stats(z, p, remove_line_mean=False)
-    ys = [a.swapaxes(0, 1) for a in _line_stats(z.T, p, remove_line_mean=True)]
+    xs = _line_stats(z, p)
+    ys = [a.swapaxes(0, 1) for a in _line_stats(without_row_steps(z).T, p)]
     v1, v2, energy = (
         np.stack([x.reshape(n, 2), y.reshape(n, 2)], axis=1) for x, y in zip(xs, ys, strict=True)
     )
@@ -191,13 +194,6 @@ def flat_samples(
     )
 
 
-def _line_mean_factor(rho_x: float, m: int) -> float:
-    """Share of the noise variance left after removing the mean of ``m`` columns 2 px apart when the
-    noise has correlation ``rho_x**k`` along x (``1 - 1/m`` for white noise)."""
-    i = np.arange(m)
-    return float(1.0 - np.sum(rho_x ** (2.0 * np.abs(i[:, None] - i[None, :]))) / m**2)
-
-
 def fit_mean_variance(
     mean: np.ndarray, var: np.ndarray, n_iter: int = 5, clip_sigmas: float = 4.0
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -232,22 +228,25 @@ def fit_mean_variance(
 
 
 def corrected_variance(
-    s: VarianceSamples, rho_x: Estimate, rho_y: Estimate, patch_px: int, jitter_px: float = 0.0
+    s: VarianceSamples, rho_x: Estimate, rho_y: Estimate, jitter_px: float = 0.0
 ) -> np.ndarray:
-    """Lag-0 variances, corrected for detected noise correlations (AR(1), ``rho**k``): the lag-0
-    extrapolation of differences along an axis measures ``(1 - rho) (3 - rho) / 3`` of the variance,
-    and y samples lose a different share to the column-mean removal under x correlation than white
-    noise does.
+    """Lag-0 variances, corrected for detected noise correlations; NaN for the x samples when a
+    fast-axis (x) correlation was detected.
+
+    The lag-0 extrapolation of differences along an axis measures ``(1 - rho) (3 - rho) / 3`` of the
+    variance under AR(1) correlation ``rho**k``, but a correction needs the correlation's shape at lag
+    0 to 2, which 8-px lines cannot tell apart (JPEG frames: true x-autocorrelation +0.36 / -0.28 at
+    lags 1-2 fits as AR(1) 0.72, and the corrected x variance came out 1.7x high). The y samples do
+    not depend on the x correlation (their row offsets are removed over the full row,
+    :func:`without_row_steps`), so under x correlation they alone give the variance; a y correlation
+    is corrected as AR(1).
 
     Line jitter makes row-to-row differences at x-gradients as noisy as pixel noise would (white along
     y, so no flatness test sees it): ``jitter_px**2 * grad_x2`` is taken off the y samples."""
     var = s.var0.copy()
     var[s.direction == 1] -= jitter_px**2 * s.grad_x2[s.direction == 1]
     if rho_x.detected:
-        r = rho_x.value
-        var[s.direction == 0] /= (1.0 - r) * (3.0 - r) / 3.0
-        m = patch_px // 2
-        var[s.direction == 1] *= (1.0 - 1.0 / m) / _line_mean_factor(r, m)
+        var[s.direction == 0] = np.nan
     if rho_y.detected:
         r = rho_y.value
         var[s.direction == 1] /= (1.0 - r) * (3.0 - r) / 3.0
