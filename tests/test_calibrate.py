@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -303,14 +304,15 @@ def test_cli_reports_missing_images(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def _adapt_domain(offset: float) -> list[np.ndarray]:
-    """benchmarks/adapt.py's domain (wafers + Gaussian noise sigma 0.1, AR(1) 0.5 along x, clipped), 4
+    """benchmarks/adapt_domains.py's gauss_ar1 (wafers + Gaussian noise sigma 0.1, AR(1) 0.5 along x), 4
     images of 256 px, plus row offsets of sigma ``offset`` (clipped again)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "adapt.py"
-    spec = importlib.util.spec_from_file_location("adapt_bench", path)
+    path = Path(__file__).parents[1] / "benchmarks" / "adapt_domains.py"
+    spec = importlib.util.spec_from_file_location("adapt_domains", path)
     assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    _, noisy = bench.domain_images(4, 256, 0.1, 0.5, seed=1)
+    dom = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = dom  # its dataclasses look their module up there
+    spec.loader.exec_module(dom)
+    noisy = dom.scans(dom.DOMAINS["gauss_ar1"], dom.render_fields(4, 256, seed=1), 0.1, seed=1)
     rng = np.random.default_rng(12)
     return [
         np.clip(z + offset * rng.standard_normal((z.shape[0], 1)), 0, 1).astype(np.float32) for z in noisy
