@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from semray.jsonsafe import json_safe
+
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-sem"
 FRAMES_GLOB, LOW_DOSE = "resist_lines_frame*.jpg", "low_dose_sem_crop.tif"
 DN = 255.0  # 8-bit grey levels per unit intensity (the frames are 8-bit)
@@ -327,18 +329,6 @@ def scores_table(r: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _finite(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, np.generic):
-        return _finite(v.item())
-    return v
-
-
 def _frame_list(spec: str, n: int, default: list[int]) -> list[int]:
     """0-based frame indices from ``1,3`` / ``all`` / ``none`` (``default`` for an empty spec)."""
     if spec == "":
@@ -405,7 +395,7 @@ def calibrate_all(crop_files: list[Path], low_dose: Path | None, out: Path) -> d
 
 def write_report(out: Path, result: dict[str, Any]) -> None:
     """``result.json`` and ``result.md`` (the calibration table and one score table per held-out frame)."""
-    (out / "result.json").write_text(json.dumps(_finite(result), indent=2))
+    (out / "result.json").write_text(json.dumps(json_safe(result), indent=2))
     md = ["## Calibration and closure", "", *calibration_table(result["calibration"]), ""]
     for name, c in result["calibration"].items():
         if c.get("warnings"):

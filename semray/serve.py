@@ -49,6 +49,7 @@ from ray import serve
 from semray import __version__
 from semray.config.serve import ServeConfig
 from semray.io import ImageMeta, read_image
+from semray.jsonsafe import json_safe
 from semray.webimage import (
     RequestError,
     decode_image,
@@ -407,19 +408,6 @@ def _limits(cfg: ServeConfig) -> dict[str, Any]:
     return {"max_request_mib": cfg.max_request_mib, "max_image_pixels": cfg.max_image_pixels}
 
 
-def _json_safe(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats replaced by ``None`` (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 # ------------------------------------------------------------------------------------ the service
 app = FastAPI(
     title="semray",
@@ -561,7 +549,7 @@ class SemrayApp:
         )
         return {
             "default": default,
-            "models": _json_safe(usable),
+            "models": json_safe(usable),
             "methods": list_methods(),
             "limits": _limits(self.cfg),
         }
@@ -626,7 +614,7 @@ class SemrayApp:
             "bytes": len(result),
             "data_b64": base64.b64encode(result).decode("ascii"),
         }
-        return JSONResponse(_json_safe(report))
+        return JSONResponse(json_safe(report))
 
     @app.post("/api/denoise/file", openapi_extra=_UPLOAD_DOC)
     async def denoise_file(self, request: Request) -> Response:

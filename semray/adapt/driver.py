@@ -37,6 +37,7 @@ from semray.adapt.inputs import (
 )
 from semray.config.adapt import AdaptConfig, SelfSupSource
 from semray.config.base import dump_yaml, flatten
+from semray.jsonsafe import json_safe
 
 CALIB_DIR, MODEL_DIR, FIG_DIR, WORK_DIR = "calibration", "model", "figures", "work"
 
@@ -361,7 +362,7 @@ def _export_model(selection: Any, out: Path, extra: dict[str, Any]) -> Path:
     src = selection.model_dirs[selection.chosen_epoch]
     shutil.copytree(src, out)
     card = json.loads((out / CARD_FILE).read_text())
-    card.update(_finite(extra))  # NaN (e.g. an SE from one crop) is not JSON
+    card.update(json_safe(extra))  # NaN (e.g. an SE from one crop) is not JSON
     card["description"] = f"semray adapt: {card.get('description', '')} (chosen without clean images)"
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return out
@@ -427,7 +428,7 @@ def _report(
         "model": {"dir": MODEL_DIR, "registry_uri": reg.get("registry_uri"), "version": reg.get("version")},
         "frames": {"n": len(data.noisy), "shifts": data.shifts} if data.shifts is not None else None,
     }
-    (stage / "report.json").write_text(json.dumps(_finite(report), indent=2))
+    (stage / "report.json").write_text(json.dumps(json_safe(report), indent=2))
     rp.write_html(
         report, {k: str(Path(v).relative_to(stage)) for k, v in figures.items()}, stage / "report.html"
     )
@@ -528,19 +529,6 @@ def _verdict(selection: Any) -> str:
     if c.verdict == "worse":
         return f"adapted model estimated WORSE than the init model: {numbers}; keep the init model for these images"
     return f"cannot tell whether adaptation helped (no standard error from {c.n_crops} crop): {numbers}"
-
-
-def _finite(v: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, np.generic):
-        return _finite(v.item())
-    return v
 
 
 def _log_parent_summary(

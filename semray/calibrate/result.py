@@ -12,6 +12,7 @@ from semray.calibrate.charging import ChargingFit
 from semray.calibrate.common import Estimate
 from semray.config.calibrate import CalibrationConfig
 from semray.config.noise import NoiseConfig
+from semray.jsonsafe import json_safe
 
 IDENTIFIABILITY_NOTES = (
     "dose, detector_gain_cv and the SE yields enter the noise only through a = (1 + cv^2) / (dose * dY) "
@@ -51,16 +52,7 @@ class CalibrationResult:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (NaN/inf become None)."""
 
-        def clean(v: Any) -> Any:
-            if isinstance(v, float):
-                return v if math.isfinite(v) else None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            return v
-
-        return clean(
+        return json_safe(
             {
                 "estimates": {k: asdict(v) for k, v in self.estimates.items()},
                 "assumptions": dict(self.assumptions),
