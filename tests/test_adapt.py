@@ -7,15 +7,14 @@ AR(1) filter with lag-1 correlation 0.5.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from bench_modules import load_benchmark
 
 # the job-submission test reuses the throw-away Ray head of the tune job tests (fixture + job wait)
 from test_tune import _wait, ray_head  # noqa: F401
@@ -41,12 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adapt_bench", ROOT / "benchmarks" / "adapt.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("adapt")
 
 
 def _domain_images(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

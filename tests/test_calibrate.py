@@ -8,14 +8,13 @@ within 12.6 %. At dose 200 read noise is not measurable (SE > 100 %; reported as
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import load_benchmark
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
@@ -306,12 +305,7 @@ def test_cli_reports_missing_images(tmp_path: Path, capsys: pytest.CaptureFixtur
 def _adapt_domain(offset: float) -> list[np.ndarray]:
     """benchmarks/adapt_domains.py's gauss_ar1 (wafers + Gaussian noise sigma 0.1, AR(1) 0.5 along x), 4
     images of 256 px, plus row offsets of sigma ``offset`` (clipped again)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "adapt_domains.py"
-    spec = importlib.util.spec_from_file_location("adapt_domains", path)
-    assert spec is not None and spec.loader is not None
-    dom = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = dom  # its dataclasses look their module up there
-    spec.loader.exec_module(dom)
+    dom = load_benchmark("adapt_domains")
     noisy = dom.scans(dom.DOMAINS["gauss_ar1"], dom.render_fields(4, 256, seed=1), 0.1, seed=1)
     rng = np.random.default_rng(12)
     return [

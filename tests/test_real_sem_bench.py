@@ -3,23 +3,15 @@ whose noise (from registered frame differences) predicts how the noisy frame its
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_modules import load_benchmark
 from sem_files import REAL_SEM
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_sem_bench", ROOT / "benchmarks" / "real_sem.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("real_sem")
 
 
 def test_scored_region_is_the_crop_less_its_margin_inside_the_overlap(bench) -> None:
