@@ -10,8 +10,11 @@ that reproduces it, in ``benchmarks/results/quality.md`` and ``quality.json``:
 
 * PSNR at least +2 dB over BM3D at every dose bin (paired mean over images, x noise draws if several);
 * SSIM at least +0.03 over BM3D at every dose bin;
-* defect recall at least 0.95 and at least BM3D's, at every dose bin (recorded next to the ideal-observer
-  bound on recall, :mod:`semray.evaluation.detectability`: no method can exceed it on average);
+* recall at 1e-2 false alarms per site (:mod:`semray.evaluation.detection`) at least 90 % of the ideal
+  observer's at the same rate (Monte Carlo under the full noise model where computed, else analytic;
+  :mod:`semray.evaluation.detectability`), and at least BM3D's and every other model's (e.g. CARE), at
+  every dose bin (issue 21's restated target; the older recall without false-alarm control is recorded,
+  labelled as such, and judged by nothing);
 * at least 20x less time per megapixel than BM3D on this CPU (same image, same thread count).
 
 ``--set noise_draws=5`` scores every image under five noise draws (seeds ``seed`` to ``seed + 4``) and
@@ -35,7 +38,9 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"psnr_gain_db": 2.0, "ssim_gain": 0.03, "defect_recall": 0.95, "speedup": 20.0}
+TARGETS = {"psnr_gain_db": 2.0, "ssim_gain": 0.03, "recall_fraction_of_ideal": 0.9, "speedup": 20.0}
+#: False-alarm rate per site of the restated recall target.
+TARGET_FA = 0.01
 
 
 def check_targets(res: Any, model: str, reference: str = "bm3d") -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -65,6 +70,7 @@ def check_targets(res: Any, model: str, reference: str = "bm3d") -> tuple[pd.Dat
         ds, ds_lo, ds_hi = delta("ssim", dose)
         dd = delta("defect_psnr", dose)[0]
         rec_m, rec_r = mean(model, "defect_recall", dose), mean(reference, "defect_recall", dose)
+        fa = recall_at_fa_row(res, model, reference, dose)
         rows.append(
             {
                 "dose_e_per_px": dose,
@@ -79,9 +85,9 @@ def check_targets(res: Any, model: str, reference: str = "bm3d") -> tuple[pd.Dat
                 "defect_psnr_gain_db": dd,
                 f"recall_{model}": rec_m,
                 f"recall_{reference}": rec_r,
+                **fa,
                 "pass_psnr": bool(dp >= TARGETS["psnr_gain_db"]),
                 "pass_ssim": bool(ds >= TARGETS["ssim_gain"]),
-                "pass_recall": bool(rec_m >= TARGETS["defect_recall"] and rec_m >= rec_r),
             }
         )
     per_dose = pd.DataFrame(rows)
@@ -98,11 +104,67 @@ def check_targets(res: Any, model: str, reference: str = "bm3d") -> tuple[pd.Dat
         "pass": {
             "psnr_gain_every_dose": bool(per_dose["pass_psnr"].all()),
             "ssim_gain_every_dose": bool(per_dose["pass_ssim"].all()),
-            "defect_recall_every_dose": bool(per_dose["pass_recall"].all()),
+            "recall_at_fa_every_dose": bool(per_dose["pass_recall_at_fa"].all()),
             "speedup": bool(speedup >= TARGETS["speedup"]),
         },
     }
     return per_dose, verdict
+
+
+def _ideal_at(res: Any, dose: float, metric: str) -> tuple[float, str]:
+    """The ideal observer's recall at ``metric``'s false-alarm rate for the SEM condition at ``dose``: the
+    Monte Carlo figure under the full noise model where computed (the one that matches the evaluation's
+    noise), else the analytic Gaussian one; NaN and "" when there is none."""
+    b = res.recall_bound
+    if b.empty:
+        return float("nan"), ""
+    hit = b[(b["condition"] == "sem") & (b["level"] == dose)]
+    for prefix, kind in (("mc_", "Monte Carlo"), ("ideal_", "analytic")):
+        col = prefix + metric
+        if col in hit and len(hit) and np.isfinite(float(hit[col].iloc[0])):
+            return float(hit[col].iloc[0]), kind
+    return float("nan"), ""
+
+
+def recall_at_fa_row(res: Any, model: str, reference: str, dose: float) -> dict[str, Any]:
+    """Issue 21's restated detection target at one dose: ``model``'s recall at ``TARGET_FA`` false alarms
+    per site against 90 % of the ideal observer's at that rate, BM3D's and every other model's (means
+    over the pooled sites; NaN where too few defect-free sites measure the rate, which fails).
+
+    Returns:
+        Columns ``recall_fa_<model>``, ``recall_fa_<reference>``, ``recall_fa_best_other_model`` (the
+        best other model's, with its label in ``best_other_model``), ``ideal_fa`` and ``ideal_kind``,
+        ``fraction_of_ideal`` and ``pass_recall_at_fa``.
+    """
+    from semray.evaluation.detection import recall_key
+
+    metric = recall_key(TARGET_FA)
+    s = res.summary[(res.summary["condition"] == "sem") & (res.summary["metric"] == metric)]
+    s = s[s["level"] == dose].set_index("method")["mean"]
+    got = float(s.get(model, np.nan))
+    ref = float(s.get(reference, np.nan))
+    others = [m["label"] for m in res.meta["methods"] if m["kind"] == "model" and m["label"] != model]
+    other_vals = {o: float(s.get(o, np.nan)) for o in others}
+    best = max(other_vals, key=lambda o: other_vals[o] if np.isfinite(other_vals[o]) else -1.0, default="")
+    ideal, kind = _ideal_at(res, dose, metric)
+    frac = got / ideal if np.isfinite(ideal) and ideal > 0 else float("nan")
+    ok = (
+        np.isfinite(frac)
+        and frac >= TARGETS["recall_fraction_of_ideal"]
+        and np.isfinite(ref)
+        and got >= ref
+        and all(np.isfinite(v) and got >= v for v in other_vals.values())
+    )
+    return {
+        f"recall_fa_{model}": got,
+        f"recall_fa_{reference}": ref,
+        "recall_fa_best_other_model": other_vals.get(best, float("nan")),
+        "best_other_model": best,
+        "ideal_fa": ideal,
+        "ideal_kind": kind,
+        "fraction_of_ideal": frac,
+        "pass_recall_at_fa": bool(ok),
+    }
 
 
 #: Metrics of the model-vs-model comparison (defect-region PSNR first: the brief's "above all").
@@ -177,10 +239,8 @@ def _bound_lines(bound: pd.DataFrame, model: str) -> list[str]:
 
     if bound.empty:
         return []
-    above = bound[bound["ideal_observer_recall"] < TARGETS["defect_recall"]]["dose_e_per_px"]
-    doses = ", ".join(f"{d:g}" for d in above)
-    lines = [
-        "## Defect recall against the ideal-observer bound",
+    return [
+        "## Defect recall without false-alarm control, beside the per-site 1e-3 ideal observer",
         "",
         "`ideal_observer_recall`: the expected recall of the best possible detector, one that knows each",
         "defect's shape, place and background exactly and applies the prewhitened matched filter to the",
@@ -195,13 +255,6 @@ def _bound_lines(bound: pd.DataFrame, model: str) -> list[str]:
         markdown_table(bound.round(3)),
         "",
     ]
-    if doses:
-        lines += [
-            f"At {doses} e-/px the bound is below the {TARGETS['defect_recall']:g} recall target: there the target",
-            "asks for more than the photons carry, and the meaningful comparison is with the bound and BM3D.",
-            "",
-        ]
-    return lines
 
 
 def detection_table(res: Any) -> pd.DataFrame:
@@ -336,13 +389,20 @@ def write_record(
         "|---|---|",
         f"| PSNR >= +{TARGETS['psnr_gain_db']:g} dB over BM3D at every dose | {flag[p['psnr_gain_every_dose']]} |",
         f"| SSIM >= +{TARGETS['ssim_gain']:g} over BM3D at every dose | {flag[p['ssim_gain_every_dose']]} |",
-        f"| defect recall >= {TARGETS['defect_recall']:g} and >= BM3D's at every dose | "
-        f"{flag[p['defect_recall_every_dose']]} |",
+        f"| recall at {TARGET_FA:g} false alarms per site >= {TARGETS['recall_fraction_of_ideal']:.0%} of the "
+        f"ideal observer's, >= BM3D's and >= every other model's, at every dose | "
+        f"{flag[p['recall_at_fa_every_dose']]} |",
         f"| >= {TARGETS['speedup']:g}x less time per megapixel than BM3D | {flag[p['speedup']]} "
         f"({verdict['speedup']:.1f}x: {verdict['seconds_per_megapixel'][model]:.3g} vs "
         f"{verdict['seconds_per_megapixel']['bm3d']:.3g} s/MP) |",
         "",
         "## Per dose (paired over the same images and noise; CI 95 %)",
+        "",
+        "`recall_<method>`: the older defect recall, **no false-alarm control** (not judged). `recall_fa_*`: recall",
+        f"at {TARGET_FA:g} false alarms per site (pooled sites, one threshold per method and dose); `ideal_fa`: the",
+        "ideal observer's at the same rate (`ideal_kind`: Monte Carlo under the full noise model where computed,",
+        "else analytic); `fraction_of_ideal` = the model's / the ideal's; `pass_recall_at_fa` also needs the",
+        "model at or above BM3D and every other model (means; their CIs are in the detection section).",
         "",
         markdown_table(per_dose.round(4)),
         "",
