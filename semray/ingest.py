@@ -46,6 +46,7 @@ from semray.io import (
     sha256_file,
     write_shard,
 )
+from semray.registration import bounded_shift, hann_windowed
 
 SOURCE_NAME = "ingest"
 """Value of the ``source`` column of ingested rows (synthetic rows say ``synthetic``)."""
@@ -95,29 +96,6 @@ def crop_grid(
     return [(int(y), int(x), size, size) for y in ys for x in xs]
 
 
-def bounded_shift(ref: np.ndarray, mov: np.ndarray, max_shift_px: float) -> tuple[float, float]:
-    """Shift ``(dy, dx)`` that moves ``mov`` onto ``ref`` (both float (H, W), mean-free and windowed),
-    from the peak of their circular cross-correlation among shifts of at most ``max_shift_px`` per axis,
-    refined to sub-pixel by a parabola through the peak and its neighbours along each axis (the
-    convention of :func:`skimage.registration.phase_cross_correlation`)."""
-    if max_shift_px < 0:
-        raise ValueError(f"max_shift_px must be >= 0, got {max_shift_px}")
-    xc = np.fft.ifft2(np.fft.fft2(ref) * np.conj(np.fft.fft2(mov))).real
-    h, w = xc.shape
-    sy = (np.arange(h) + h // 2) % h - h // 2  # signed shift of each row index
-    sx = (np.arange(w) + w // 2) % w - w // 2
-    inside = (np.abs(sy)[:, None] <= max_shift_px) & (np.abs(sx)[None, :] <= max_shift_px)
-    iy, ix = np.unravel_index(int(np.argmax(np.where(inside, xc, -np.inf))), xc.shape)
-
-    def vertex(m: float, c: float, p: float) -> float:
-        d = m - 2.0 * c + p
-        return 0.0 if d >= 0 else float(np.clip(0.5 * (m - p) / d, -0.5, 0.5))
-
-    fy = vertex(xc[(iy - 1) % h, ix], xc[iy, ix], xc[(iy + 1) % h, ix])
-    fx = vertex(xc[iy, (ix - 1) % w], xc[iy, ix], xc[iy, (ix + 1) % w])
-    return float(sy[iy] + fy), float(sx[ix] + fx)
-
-
 def split_for(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """Split of a source image from a stable hash of ``(seed, key)``; ``key`` is its relative path.
 
@@ -146,10 +124,11 @@ def register_pair(
     Args:
         noisy, clean: float32 (H, W) in [0, 1], same shape.
         upsample_factor: precision of the estimate is ``1 / upsample_factor`` px.
-        max_shift_px: when given, the peak is searched only among shifts with ``|dy|, |dx| <=
-            max_shift_px`` (:func:`bounded_shift`). A periodic pattern (a line array) correlates
-            almost equally at every multiple of its period, and noise then picks one: repeated scans of
-            one field drift little, so a bound on the drift removes the far peaks.
+        max_shift_px: when given, only shifts with ``|dy|, |dx| <= max_shift_px`` are searched, and
+            among the correlation's peaks there the smallest shift that the measured noise cannot tell
+            from the highest wins (:func:`semray.registration.bounded_shift`): a periodic pattern (a
+            line array) correlates almost equally at every multiple of its period, noise picks one,
+            and repeated scans of one field drift little. None: the highest peak anywhere.
 
     Returns:
         ``(registered, (dy, dx))``: ``noisy`` shifted by ``(dy, dx)`` px (rows, columns), float32 (H, W)
@@ -158,20 +137,12 @@ def register_pair(
     from scipy import ndimage
     from skimage.registration import phase_cross_correlation
 
-    window = np.outer(np.hanning(clean.shape[0]), np.hanning(clean.shape[1]))
-    ref = (clean - clean.mean()) * window
-    mov = (noisy - noisy.mean()) * window
     if max_shift_px is None:
+        ref, mov = hann_windowed(clean), hann_windowed(noisy)
         shift, _, _ = phase_cross_correlation(ref, mov, upsample_factor=upsample_factor, normalization=None)
         dy, dx = float(shift[0]), float(shift[1])
     else:
-        dy, dx = bounded_shift(ref, mov, max_shift_px)
-        k = (round(dy), round(dx))  # refine on the upsampled DFT around the bounded peak
-        fine, _, _ = phase_cross_correlation(
-            ref, np.roll(mov, k, axis=(0, 1)), upsample_factor=upsample_factor, normalization=None
-        )
-        if max(abs(fine[0]), abs(fine[1])) <= 1.0:  # else it jumped to a far peak: keep the parabola
-            dy, dx = k[0] + float(fine[0]), k[1] + float(fine[1])
+        dy, dx = bounded_shift(clean, noisy, max_shift_px, upsample_factor)
     moved = ndimage.shift(noisy.astype(np.float64), (dy, dx), order=3, mode="nearest")
     return np.clip(moved, 0.0, 1.0).astype(np.float32), (dy, dx)
 
