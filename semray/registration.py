@@ -30,8 +30,10 @@ smaller shift), never narrows it."""
 
 TIE_ALPHA = 0.01
 """Level of the test "the highest peak is above this smaller-shift peak", Bonferroni-corrected over the
-local maxima searched: the highest of M equal peaks under noise leads the others by the largest of M
-noisy differences, so the threshold is the ``1 - TIE_ALPHA / M`` normal quantile of the difference."""
+peaks that compete for the highest: the highest of M equal peaks under noise leads the others by the
+largest of M noisy differences, so the threshold is the ``1 - TIE_ALPHA / M`` normal quantile of the
+difference. M starts at all local maxima in the bound and shrinks to those the test cannot reject
+(peaks far below the highest never competed for it)."""
 
 
 def hann_windowed(image: np.ndarray) -> np.ndarray:
@@ -150,7 +152,7 @@ def bounded_shift(
 
     Among the local maxima of the windowed cross-correlation within the bound, the one with the
     smallest shift whose height is not significantly below the highest (one-sided test at
-    :data:`TIE_ALPHA`, Bonferroni over the maxima; standard error :func:`difference_sd` from the
+    :data:`TIE_ALPHA`, Bonferroni over the competing maxima; standard error :func:`difference_sd` from the
     measured noise, :func:`noise_autocovariance`), refined to ``1 / upsample_factor`` px (:func:`upsampled_peak`).
 
     Args:
@@ -172,14 +174,18 @@ def bounded_shift(
     product = np.fft.fft2(ref_w) * np.conj(np.fft.fft2(mov_w))
     xc = np.fft.ifft2(product).real
     cands, top = _candidates(xc, max_shift_px)
-    chosen = top
-    if len(cands) > 1:
-        acov = noise_autocovariance(ref, mov, top)
-        z = float(norm.isf(TIE_ALPHA / len(cands)))
-        for s in cands:
-            if s == top or math.hypot(*s) >= math.hypot(*top):
-                break
-            if xc[top] - xc[s] < z * difference_sd(ref_w, mov_w, window, top, s, acov):
-                chosen = s
-                break
+    others = [s for s in cands if s != top]
+    if not others:
+        return upsampled_peak(product, top, upsample_factor)
+    acov = noise_autocovariance(ref, mov, top)
+    lead = np.array([(xc[top] - xc[s]) / difference_sd(ref_w, mov_w, window, top, s, acov) for s in others])
+    m = len(cands)
+    while True:  # Bonferroni over the peaks that compete for the highest: those the test cannot reject
+        z = float(norm.isf(TIE_ALPHA / m))
+        m_next = 1 + int(np.sum(lead < z))
+        if m_next >= m:
+            break
+        m = m_next
+    tied = [s for s, r in zip(others, lead, strict=True) if r < z and math.hypot(*s) < math.hypot(*top)]
+    chosen = tied[0] if tied else top
     return upsampled_peak(product, chosen, upsample_factor)
