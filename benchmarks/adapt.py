@@ -110,7 +110,7 @@ def _adapt(inputs: list[Path], out: Path, cfg: Any) -> tuple[str, dict[str, Any]
     res = run_adapt(inputs, out, cfg, overwrite=True)
     report = json.loads((res.out_dir / "report.json").read_text())
     info = {"verdict": res.verdict, "selection": res.selection, "timings_s": res.timings,
-            "summary": res.summary, "frames": report.get("frames"),
+            "summary": res.summary, "frames": report.get("frames"), "rounds": report.get("rounds"),
             "calibration": report.get("calibration_summary", {}).get("estimates")}  # fmt: skip
     return str(res.model_dir), info
 
@@ -122,9 +122,11 @@ def fit_adapted(ds: DataSet, cfg: Any) -> tuple[str, dict[str, Any]]:
 
 
 def fit_adapted_frames(ds: DataSet, cfg: Any) -> tuple[str, dict[str, Any]]:
-    """``semray adapt --frames`` on the exact scans of the first adapt field."""
+    """``semray adapt --frames`` on the exact scans of the first adapt field (one proxy round: the proxy is
+    the scans' average, so ``--set user.proxy_rounds=R`` applies to ``adapted`` only)."""
     inputs = write_pngs(ds.frames, ds.work / "inputs_frames", ds.domain.file_dtype)
-    return _adapt(inputs, ds.work / "adapted_frames", cfg.model_copy(update={"frames": True}))
+    user = cfg.user.model_copy(update={"proxy_rounds": 1})
+    return _adapt(inputs, ds.work / "adapted_frames", cfg.model_copy(update={"frames": True, "user": user}))
 
 
 def pair_rows(ds: DataSet, tiles: Sequence[Any]) -> list[dict[str, Any]]:

@@ -35,8 +35,9 @@ from semray.adapt.inputs import (
     user_records,
     write_user_shards,
 )
-from semray.config.adapt import AdaptConfig, SelfSupSource
-from semray.config.base import dump_yaml, flatten
+from semray.adapt.rounds import Round
+from semray.config.adapt import AdaptConfig, SelfSupSource, rounds_problem
+from semray.config.base import ConfigError, dump_yaml, flatten
 from semray.jsonsafe import json_safe
 
 CALIB_DIR, MODEL_DIR, FIG_DIR, WORK_DIR = "calibration", "model", "figures", "work"
@@ -55,6 +56,7 @@ class AdaptResult:
     summary: dict[str, Any] = field(default_factory=dict)
     verdict: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def lines(self) -> str:
         return "\n".join(
@@ -66,13 +68,19 @@ class AdaptResult:
                 f"  chosen epoch: {self.selection.get('chosen_epoch')} (best by synthetic-pair val_psnr: "
                 f"{self.selection.get('best_synthetic_epoch')}, "
                 f"{self.selection.get('gap_db_to_best_synthetic', float('nan')):.2f} dB above the chosen)",
+                *(
+                    f"  round {r['round']}:      proxies from {r['proxies_from']}; epochs {r['epochs']}, "
+                    f"chose {r['chosen_epoch']}"
+                    for r in (self.rounds if len(self.rounds) > 1 else [])
+                ),
             ]
         )
 
 
 @dataclass
 class _Data:
-    """The user's images as the run uses them: noisy inputs, clean proxies, tiles, held-back crops."""
+    """The user's images as the run uses them: noisy inputs, clean proxies (the current round's), tiles,
+    held-back crops, and without ``frames`` the init model's outputs (round 1's proxies)."""
 
     noisy: list[np.ndarray]
     proxies: list[np.ndarray]
@@ -81,6 +89,7 @@ class _Data:
     crops: np.ndarray
     crops2: np.ndarray | None = None
     shifts: list[list[float]] | None = None
+    init_outputs: list[np.ndarray] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -107,8 +116,12 @@ def run_adapt(
     Raises:
         AdaptInputError: unreadable / too small / mixed images (naming the files), calibration impossible
             on them, or an existing non-empty ``out_dir`` without ``overwrite``. Nothing is written then.
+        ConfigError: ``user.proxy_rounds`` that cannot run (with ``frames``, or more rounds than epochs) in
+            a config copied without validation.
     """
     cfg = cfg or AdaptConfig()
+    if problem := rounds_problem(cfg):
+        raise ConfigError(problem)
     out = Path(out_dir).expanduser().resolve()
     _check_out(out, overwrite)
     users = read_inputs(inputs, cfg.user.min_side_px, cfg.frames)
@@ -168,25 +181,25 @@ class _Clock:
 
 
 def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any, parent: str) -> AdaptResult:
+    from semray.adapt.rounds import round_of
+    from semray.adapt.select import combine
+
     (stage / "adapt.yaml").write_text(dump_yaml(cfg))
     clock = _Clock()
     calib = _calibrate(users, stage / CALIB_DIR, cfg)
     clock.lap("calibrate")
     data = _prepare_data(users, cfg)
     clock.lap("proxies")
-    user_dir, synth_dir, selfsup = _write_shards(data, calib, stage / WORK_DIR / "shards", cfg)
+    shards = _write_shards(data, calib, stage / WORK_DIR / "shards", cfg)
     clock.lap("shards")
-    trained, tcfg = _fine_tune(cfg, calib, data, (user_dir, synth_dir, selfsup), stage)
-    clock.lap("train")
-    if trained.mlflow_run_id:
-        client.set_tag(trained.mlflow_run_id, "mlflow.parentRunId", parent)
-    selection = _choose(cfg, calib, data, trained.run_dir)
-    clock.lap("select")
-    card_extra = _card_extra(trained.model_dir, selection, calib, users)
+    rounds = _train_rounds(cfg, calib, data, shards, stage, clock, (client, parent))
+    selection = rounds[0].selection if len(rounds) == 1 else combine([r.selection for r in rounds])
+    final = round_of(rounds, selection.chosen_epoch)
+    card_extra = _card_extra(rounds, final, selection, calib, users)
     model_dir = _export_model(selection, stage / MODEL_DIR, card_extra)
-    reg = _register(tcfg, trained.mlflow_run_id, model_dir, data.crops[:1, None], cfg)
+    reg = _register(final.tcfg, final.trained.mlflow_run_id, model_dir, data.crops[:1, None], cfg)
     clock.lap("register")
-    report = _report(cfg, calib, data, model_dir, selection, reg, stage)
+    report = _report(cfg, calib, data, model_dir, (selection, rounds), reg, stage)
     clock.lap("report")
     (stage / "timings.json").write_text(
         json.dumps(clock.laps | {"total": sum(clock.laps.values())}, indent=2)
@@ -195,12 +208,59 @@ def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any,
         client.log_artifacts(parent, str(stage / sub), sub)
     for f in ("report.html", "report.json", "adapt.yaml", "timings.json"):
         client.log_artifact(parent, str(stage / f))
-    _log_parent_summary(client, parent, report, trained.mlflow_run_id, reg)
+    _log_parent_summary(client, parent, report, final.trained.mlflow_run_id, reg)
     client.log_batch(parent, metrics=[_metric(f"time_{k}_s", v) for k, v in clock.laps.items()])
     return AdaptResult(
-        stage, model_dir, reg.get("registry_uri"), parent, trained.mlflow_run_id,
-        report["selection"], report["summary"], report["verdict"], clock.laps,
+        stage, model_dir, reg.get("registry_uri"), parent, final.trained.mlflow_run_id,
+        report["selection"], report["summary"], report["verdict"], clock.laps, report["rounds"],
     )  # fmt: skip
+
+
+def _train_rounds(
+    cfg: AdaptConfig,
+    calib: Any,
+    data: _Data,
+    shards: tuple[Path, Path, SelfSupSource | None],
+    stage: Path,
+    clock: _Clock,
+    mlflow: tuple[Any, str],
+) -> list[Round]:
+    """Fine-tune and choose a checkpoint, ``user.proxy_rounds`` times (:mod:`semray.adapt.rounds`).
+
+    From round 2 on, the proxies are the previous round's choice's outputs (user shards ``user_r<k>``,
+    the same tiles), training goes on from that choice, and the laps are ``proxies_r<k>``,
+    ``shards_r<k>``, ``train_r<k>``, ``select_r<k>``. Every round's checkpoints are scored on the same
+    crops against the same init-model scores (computed once)."""
+    from semray.adapt.rounds import refine_proxies, round_candidates, round_config, round_epochs
+
+    client, parent = mlflow
+    user_dir, synth_dir, selfsup = shards
+    done: list[Round] = []
+    init_scores, offset = None, 0
+    for k, epochs in enumerate(round_epochs(cfg.optim.epochs, cfg.user.proxy_rounds), start=1):
+        sfx, init, source = ("" if k == 1 else f"_r{k}"), cfg.init, f"the init model ({cfg.init})"
+        if done:
+            prev = done[-1]
+            init = str(prev.chosen_model_dir)
+            source = f"round {prev.number}'s choice (epoch {prev.selection.chosen_epoch})"
+            data.proxies = refine_proxies(init, data.noisy)
+            clock.lap(f"proxies{sfx}")
+            user_dir = stage / WORK_DIR / "shards" / f"user{sfx}"
+            write_user_shards(user_records(data.proxies, data.users, data.tiles), user_dir)
+            clock.lap(f"shards{sfx}")
+        rcfg = round_config(cfg, k, epochs, init)
+        trained, tcfg = _fine_tune(rcfg, calib, data, (user_dir, synth_dir, selfsup), stage, sfx)
+        clock.lap(f"train{sfx}")
+        if trained.mlflow_run_id:
+            client.set_tag(trained.mlflow_run_id, "mlflow.parentRunId", parent)
+            client.set_tag(trained.mlflow_run_id, "semray.adapt_round", str(k))
+        sel = _choose(cfg, calib, data, round_candidates(trained.run_dir, offset), init_scores)
+        for row in sel.rows:
+            row["round"] = float(k)
+        clock.lap(f"select{sfx}")
+        done.append(Round(k, source, trained, tcfg, sel))
+        init_scores, offset = sel.init_crop_scores, offset + epochs
+    return done
 
 
 def _metric(key: str, value: float) -> Any:
@@ -242,7 +302,7 @@ def _prepare_data(users: Sequence[UserImage], cfg: AdaptConfig) -> _Data:
     noisy = [u.image for u in users]
     tiles = split_tiles([p.shape for p in proxies], cfg.user.tile_px, cfg.user.val_fraction, cfg.seed)
     crops = held_back_crops(noisy, tiles, cfg.selection.crop_px, cfg.selection.max_crops)
-    return _Data(noisy, proxies, list(users), tiles, crops)
+    return _Data(noisy, proxies, list(users), tiles, crops, init_outputs=proxies)
 
 
 def _write_shards(
@@ -273,9 +333,15 @@ def _write_shards(
 
 
 def _fine_tune(
-    cfg: AdaptConfig, calib: Any, data: _Data, shards: tuple[Path, Path, SelfSupSource | None], stage: Path
+    cfg: AdaptConfig,
+    calib: Any,
+    data: _Data,
+    shards: tuple[Path, Path, SelfSupSource | None],
+    stage: Path,
+    suffix: str = "",
 ) -> tuple[Any, Any]:
-    """Train on the mix of ``shards`` (user content, synthetic, optional self-supervised source)."""
+    """Train on the mix of ``shards`` (user content, synthetic, optional self-supervised source); run
+    ``adapt-train<suffix>``, its config in ``train<suffix>.yaml``."""
     from semray.config.adapt import build_train_config
     from semray.train.runner import train
 
@@ -284,9 +350,9 @@ def _fine_tune(
     crop = max(16, min(cfg.optim.crop_px, side) // 8 * 8)
     tcfg = build_train_config(
         cfg, calib.noise_config, str(user), str(synth), str(stage / WORK_DIR / "train"),
-        run_name="adapt-train", crop_px=crop, val_crop_px=max(16, min(128, side) // 8 * 8), selfsup=selfsup,
+        run_name=f"adapt-train{suffix.replace('_', '-')}", crop_px=crop, val_crop_px=max(16, min(128, side) // 8 * 8), selfsup=selfsup,
     )  # fmt: skip
-    (stage / "train.yaml").write_text(dump_yaml(tcfg))
+    (stage / f"train{suffix}.yaml").write_text(dump_yaml(tcfg))
     return train(tcfg), tcfg
 
 
@@ -315,13 +381,14 @@ def _half_length(cfg: AdaptConfig, calib: Any) -> int:
     return int(min(8, max(1, math.ceil(2 * length.value))))
 
 
-def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
-    """Per-crop scores of the init model and every checkpoint; choose on half the crops, compare on the
-    other half (:func:`semray.adapt.select.select`)."""
-    from semray.adapt.select import checkpoint_candidates, make_masks, n2n_score, select, structn2v_score
+def _choose(
+    cfg: AdaptConfig, calib: Any, data: _Data, candidates: list[Any], init_scores: np.ndarray | None = None
+) -> Any:
+    """Per-crop scores of the init model (``init_scores`` when already computed) and every candidate;
+    choose on half the crops, compare on the other half (:func:`semray.adapt.select.select`)."""
+    from semray.adapt.select import make_masks, n2n_score, select, structn2v_score
     from semray.models.resolve import resolve_model
 
-    init_net = resolve_model(cfg.init).model
     if data.crops2 is not None:
         second = data.crops2
 
@@ -337,18 +404,26 @@ def _choose(cfg: AdaptConfig, calib: Any, data: _Data, run_dir: str) -> Any:
             return structn2v_score(net, data.crops, masks)
 
         criterion = "structn2v"
-    return select(checkpoint_candidates(run_dir), score(init_net), score, criterion)
+    if init_scores is None:
+        init_scores = score(resolve_model(cfg.init).model)
+    return select(candidates, init_scores, score, criterion)
 
 
 def _card_extra(
-    train_model_dir: str | None, selection: Any, calib: Any, users: Sequence[UserImage]
+    rounds: Sequence[Round], final: Round, selection: Any, calib: Any, users: Sequence[UserImage]
 ) -> dict[str, Any]:
+    """The adapt facts for the model card: the parent is round 1's init model (the one adapted), the data
+    sources those of the round that trained the chosen checkpoint."""
     from semray.models.store import read_card
 
-    card = read_card(train_model_dir) if train_model_dir else {}
-    extra = {k: card[k] for k in ("parent", "data_sources") if k in card}
+    def card(r: Round) -> dict[str, Any]:
+        return read_card(r.trained.model_dir) if r.trained.model_dir else {}
+
+    extra = {k: v for k, v in card(rounds[0]).items() if k == "parent"}
+    extra.update({k: v for k, v in card(final).items() if k == "data_sources"})
     extra["adapt"] = {
         "selection": selection.as_dict(),
+        "rounds": [r.as_dict() for r in rounds],
         "noise_config": calib.noise_config.model_dump(mode="json"),
         "images": [u.name for u in users],
     }
@@ -390,11 +465,13 @@ def _report(
     calib: Any,
     data: _Data,
     model_dir: Path,
-    selection: Any,
+    choice: tuple[Any, Sequence[Round]],
     reg: dict[str, Any],
     stage: Path,
 ) -> dict[str, Any]:
     """Shipped vs adapted on the user's images without clean references: report.json, report.html, figures/.
+
+    ``choice`` is the final selection (among every round's checkpoints) and the rounds.
 
     The closure section is the calibration's own (``calib.closure``, :mod:`semray.calibrate.closure`:
     real images and look-alikes synthesised from the fit, measured alike on flat patches).
@@ -402,6 +479,7 @@ def _report(
     from semray.adapt import report as rp
     from semray.calibrate.closure import closure_warnings
 
+    selection, rounds = choice
     per_image, shown = _per_image_stats(cfg, data, model_dir)
     summary = rp.summarise(per_image)
     sel = selection.as_dict()
@@ -421,6 +499,7 @@ def _report(
         "per_image": per_image,
         "summary": summary,
         "selection": sel,
+        "rounds": [r.as_dict() for r in rounds],
         "verdict": _verdict(selection),
         "closure": dict(calib.closure),
         "closure_warnings": closure_warnings(calib.closure),
@@ -458,8 +537,8 @@ def _per_image_stats(
     adapted = Denoiser(model=str(model_dir), device="cpu")
     rows, shown = [], []
     for i, noisy in enumerate(data.noisy[: cfg.report.max_images]):
-        # without --frames the proxies *are* the shipped model's outputs: no need to denoise again
-        d_s = shipped(noisy) if data.shifts is not None else data.proxies[i]
+        # without --frames round 1's proxies *are* the shipped model's outputs: no need to denoise again
+        d_s = shipped(noisy) if data.init_outputs is None else data.init_outputs[i]
         d_a = adapted(noisy)
         rows.append(
             {
@@ -550,6 +629,10 @@ def _log_parent_summary(
     for k, v in metrics.items():
         if v is not None and math.isfinite(float(v)):
             client.log_metric(parent, k, float(v))
+    for r in report["rounds"]:
+        for key in ("chosen_epoch", "chosen_score"):
+            if r[key] is not None and math.isfinite(float(r[key])):
+                client.log_metric(parent, f"round_{key}", float(r[key]), step=r["round"])
     client.set_tag(parent, "semray.child_run_id", child or "")
     client.set_tag(parent, "semray.verdict", sel["comparison"]["verdict"])
     client.set_tag(parent, "semray.registered_model", reg.get("registry_uri") or "")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def acf_figure(summary: dict[str, Any], noise_acf: dict[str, list[float]] | None
 
 
 def selection_figure(selection: dict[str, Any], out_png: Path) -> Path:
-    """The no-reference score per epoch (chosen epoch marked) next to the synthetic-pair val_psnr."""
+    """The no-reference score per epoch (chosen epoch marked) next to the synthetic-pair val_psnr; with
+    proxy rounds (rows with ``round``), a grey line where each later round starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +145,9 @@ def selection_figure(selection: dict[str, Any], out_png: Path) -> Path:
     ax.plot(ep, [r["score"] for r in rows], "o-", label=f"{selection['criterion']} score (no clean)")
     ax.axhline(selection["init_score"], color="grey", ls="--", label="init model's score")
     ax.axvline(selection["chosen_epoch"], color="C0", ls=":", label="chosen")
+    for prev, row in pairwise(rows):
+        if row.get("round", 1) != prev.get("round", 1):
+            ax.axvline((prev["epoch"] + row["epoch"]) / 2, color="0.7", lw=0.8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("score (lower is better)")
     ax2 = ax.twinx()
@@ -199,6 +204,21 @@ def _closure_html(closure: dict[str, Any], warnings: Sequence[str]) -> str:
     return f"<h2>Calibration closure</h2>{head}{table}{note}{warn}"
 
 
+def _rounds_html(rounds: Sequence[dict[str, Any]]) -> str:
+    """One line per proxy round (nothing with one round): proxies' origin, epochs, its own choice."""
+    if len(rounds) < 2:
+        return ""
+    items = "".join(
+        f"<li>round {r['round']}: proxies from {html.escape(str(r['proxies_from']))}; epochs "
+        f"{html.escape(str(r['epochs']))}; chose epoch {r['chosen_epoch']} (score {_fmt(r['chosen_score'])})</li>"
+        for r in rounds
+    )
+    return (
+        f"<p>{len(rounds)} proxy rounds; the final epoch was chosen among all of them (val_psnr/user of a "
+        f"round is against that round's proxies):</p><ul>{items}</ul>"
+    )
+
+
 def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) -> Path:
     """A self-contained page (figures by relative path) of the report's headline numbers and figures."""
     s, sel = report["summary"], report["selection"]
@@ -227,6 +247,7 @@ def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) 
         for k, v in figures.items()
     )
     verdict = html.escape(report["verdict"])
+    rounds = _rounds_html(report.get("rounds") or [])
     closure = _closure_html(report.get("closure") or {}, report.get("closure_warnings", []))
     page = (
         "<!doctype html><meta charset='utf-8'><title>semray adapt report</title>"
@@ -236,7 +257,7 @@ def write_html(report: dict[str, Any], figures: dict[str, str], out_html: Path) 
         f"<p>{len(report['images'])} images; model {html.escape(report['model']['registry_uri'] or '')}; "
         f"checkpoint chosen without clean images: epoch {sel['chosen_epoch']} (best by synthetic-pair "
         f"val_psnr: epoch {sel['best_synthetic_epoch']}, {sel['gap_db_to_best_synthetic']:.2f} dB above the "
-        "chosen one).</p>"
+        f"chosen one).</p>{rounds}"
         f"<table><tr><th></th><th>shipped</th><th>adapted</th></tr>{table}</table>"
         "<p>Lower score = lower estimated squared error against the (unseen) clean image; the verdict "
         "needs the paired difference to exceed 2 standard errors. Residual autocorrelation above the "

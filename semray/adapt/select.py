@@ -31,7 +31,7 @@ exceeds :data:`VERDICT_SE` standard errors, ``level`` when it lies within them, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,4 +305,34 @@ def select(
         sel.rows.append(row)
         sel.crop_scores[c.epoch] = per_crop
         sel.model_dirs[c.epoch] = c.model_dir
+    return choose(sel)
+
+
+def combine(selections: Sequence[Selection]) -> Selection:
+    """One selection over the candidates of several (the proxy rounds of ``semray adapt``), chosen again
+    by :func:`choose` among all of them and compared with the init model on the verdict crops.
+
+    The selections must have scored the same crops with the same criterion (equal init scores and crop
+    split) and have distinct epochs (the rounds number theirs on from the previous round's).
+
+    Raises:
+        ValueError: no selections, different crops or criteria, or an epoch in two of them.
+    """
+    if not selections:
+        raise ValueError("no selections to combine")
+    first = selections[0]
+    sel = Selection(first.criterion, first.init_crop_scores, first.choose_idx, first.verdict_idx)
+    for s in selections:
+        same = s.criterion == first.criterion and all(
+            np.array_equal(a, b)
+            for a, b in ((s.init_crop_scores, first.init_crop_scores), (s.choose_idx, first.choose_idx),
+                         (s.verdict_idx, first.verdict_idx))
+        )  # fmt: skip
+        if not same:
+            raise ValueError("selections to combine must score the same crops with the same criterion")
+        if overlap := sorted(set(s.crop_scores) & set(sel.crop_scores)):
+            raise ValueError(f"epochs {overlap} are in more than one selection")
+        sel.rows += [dict(r) for r in s.rows]
+        sel.crop_scores.update(s.crop_scores)
+        sel.model_dirs.update(s.model_dirs)
     return choose(sel)

@@ -52,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from semray.cli import UsageError
     from semray.config.adapt import AdaptConfig
 
-    cfg = load_config(AdaptConfig, args.config, args.overrides)
+    # --frames as an override, so a setting it rules out (user.proxy_rounds > 1) is a ConfigError naming it
+    cfg = load_config(AdaptConfig, args.config, [*args.overrides, *(["frames=true"] if args.frames else [])])
     if args.init is not None:
         cfg.init = args.init
-    if args.frames:
-        cfg.frames = True
     from semray.logs import quiet, say, stage
 
     with quiet("adapt", args.verbose):

@@ -5,7 +5,7 @@ One object, validated before any work starts and logged in full (MLflow params o
 
     init: default
     frames: false
-    user: {tile_px: 256, val_fraction: 0.2, weight: 0.6}
+    user: {tile_px: 256, val_fraction: 0.2, weight: 0.6, proxy_rounds: 1}
     synthetic: {n_train: 32, size_px: 256, weight: 0.4}
     optim: {epochs: 8, steps_per_epoch: 60, lr: 2.0e-4}
     selection: {fraction: 0.05, repeats: 4}
@@ -84,6 +84,18 @@ class UserContentSection(StrictModel):
     selfsup: UserSelfSupSection = Field(
         default_factory=UserSelfSupSection,
         description="Self-supervised term on the noisy tiles (off by default).",
+    )
+    proxy_rounds: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Proxy refinement rounds. 1: the init model's outputs are the proxies of the whole "
+        "fine-tune. R > 1: optim.epochs (>= R) are split between R rounds (same total steps; the later rounds "
+        "get the remainder); after each round the images are denoised again with that round's chosen "
+        "checkpoint as the next round's proxies (same tiles held back), and the next round trains on from "
+        "that checkpoint. The final checkpoint is chosen among every round's and compared with the init "
+        "model, as with one round. Each extra round adds one denoising pass over the images and one "
+        "training start-up. Not with `frames` (the proxies are frame averages).",
     )
 
 
@@ -213,6 +225,13 @@ class AdaptConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _rounds_fit(self) -> AdaptConfig:
+        problem = rounds_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _train_overrides_valid(self) -> AdaptConfig:
         # Built here so a bad `train` entry fails before calibration, naming the field.
         from semray.config.base import ConfigError
@@ -226,6 +245,23 @@ class AdaptConfig(StrictModel):
             detail = str(e).split("\n", 1)[-1].strip()
             raise ValueError(f"`train` does not make a valid TrainConfig: {detail}") from None
         return self
+
+
+def rounds_problem(cfg: AdaptConfig) -> str | None:
+    """Why ``user.proxy_rounds`` cannot run with the rest of ``cfg`` (None: it can). Also checked by the
+    driver, for configs copied without validation (``model_copy``)."""
+    rounds = cfg.user.proxy_rounds
+    if rounds > 1 and cfg.frames:
+        return (
+            f"user.proxy_rounds {rounds} does not apply with frames (--frames): the proxy is the average of "
+            "the registered scans, not a model's output; set user.proxy_rounds to 1"
+        )
+    if rounds > cfg.optim.epochs:
+        return (
+            f"user.proxy_rounds {rounds} needs at least as many optim.epochs (got {cfg.optim.epochs}): the "
+            "epochs are split between the rounds"
+        )
+    return None
 
 
 @dataclass(frozen=True)
