@@ -91,10 +91,10 @@ def nanmean(v: Sequence[float]) -> float:
 
 
 def finite(v: Any) -> Any:
-    """JSON-safe copy (NaN/inf -> None), as semray adapt writes its report."""
-    from semray.adapt.driver import _finite
+    """JSON-safe copy (NaN/inf -> None), as semray adapt writes its report (:func:`semray.jsonsafe.json_safe`)."""
+    from semray.jsonsafe import json_safe
 
-    return _finite(v)
+    return json_safe(v)
 
 
 def _ci_text(c: Mapping[str, float], digits: int) -> str:

@@ -194,3 +194,12 @@ def test_tables_show_the_paired_differences_and_the_targets(bench: ModuleType) -
     assert "adapted - oracle" in deltas and "missed (>= -1 dB)" in deltas
     assert "| shipped - oracle | 2 | -1.75" in deltas and "met (>= -2 dB)" in deltas
     assert "adapted - shipped" in deltas and "adapted_frames" not in deltas  # only methods that ran
+
+
+def test_result_json_copy_is_strict_json(bench: ModuleType) -> None:
+    """``finite`` (result.json) turns NaN/inf into null and numpy scalars into numbers."""
+    import json
+
+    out = bench.st.finite({"psnr": [np.float32(30.5), float("nan")], "ci": (float("inf"), 1.0), 2: "x"})
+    assert out == {"psnr": [30.5, None], "ci": [None, 1.0], "2": "x"}
+    json.dumps(out, allow_nan=False)
