@@ -2,6 +2,7 @@
 
 * :mod:`semray.adapt.inputs`: reading and checking the images, frame averaging, tiles, user shards;
 * :mod:`semray.adapt.select`: choosing a checkpoint without clean images (structN2V / Noise2Noise scores);
+* :mod:`semray.adapt.rounds`: proxy refinement rounds (``user.proxy_rounds``): epoch split, next proxies;
 * :mod:`semray.adapt.report`: no-reference statistics, figures and the HTML page;
 * :mod:`semray.adapt.driver`: :func:`run_adapt`, the one driver over all of the above.
 

@@ -1,5 +1,6 @@
 """``semray adapt``: one driver from a folder of the user's noisy images to an adapted, registered model
-and a no-reference report (calibrate -> synthesise -> fine-tune -> choose -> register -> report).
+and a no-reference report (calibrate -> synthesise -> fine-tune -> choose -> register -> report; with
+``user.proxy_rounds`` > 1, fine-tune -> choose is repeated on refined proxies: :mod:`semray.adapt.rounds`).
 
 It only orchestrates: calibration is :mod:`semray.calibrate`, denoising :class:`semray.infer.Denoiser`,
 synthetic patterns :func:`semray.data.synthesize_shards`, training :func:`semray.train.runner.train`
