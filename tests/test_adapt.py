@@ -459,6 +459,7 @@ TINY = [
     "synthetic.n_train=4", "synthetic.n_val=2", "synthetic.size_px=64", "user.tile_px=48",
     "report.max_images=2", "report.crop_px=64", "selection.repeats=2",
     "train.scaling={num_workers: 1, cpus_per_worker: 1, data_cpus: 0.5}",
+    "mlflow.alias_requires=any",  # a tiny budget's verdict is anyone's guess; the gate: test_alias_moves_...
 ]  # fmt: skip
 
 
@@ -584,3 +585,16 @@ def test_adapt_with_frames_adds_a_noise2noise_source_of_the_scans(
     assert files and all({"noisy", "noisy2"} <= set(pq.read_schema(f).names) for f in files)
     rows = read_shard(files[0], columns=["noisy", "noisy2", "split"])
     assert set(rows["split"]) == {"train"} and not np.array_equal(rows["noisy"], rows["noisy2"])
+
+
+@pytest.mark.parametrize(
+    ("verdict", "requires", "moves"),
+    [("better", "better", True), ("level", "better", False), ("worse", "better", False),
+     ("undetermined", "better", False), ("worse", "any", True)],
+)  # fmt: skip
+def test_alias_moves_only_on_a_better_verdict_unless_any(verdict: str, requires: str, moves: bool) -> None:
+    from semray.adapt.driver import alias_allowed
+    from semray.config.adapt import AdaptConfig
+
+    assert alias_allowed(verdict, requires) is moves
+    assert AdaptConfig().mlflow.alias_requires == "better"

@@ -63,7 +63,13 @@ class AdaptResult:
         return "\n".join(
             [
                 self.verdict,
-                f"  model:        {self.out_dir / MODEL_DIR}  ({self.registry_uri})",
+                f"  model:        {self.out_dir / MODEL_DIR}  ({self.registry_uri}"
+                + (
+                    ""
+                    if self.registry_uri is None or "@" in self.registry_uri
+                    else "; alias not moved: the verdict is not 'better' (mlflow.alias_requires)"
+                )
+                + ")",
                 f"  report:       {self.out_dir / 'report.html'}",
                 f"  MLflow:       parent run {self.parent_run_id}, training run {self.child_run_id}",
                 f"  chosen epoch: {self.selection.get('chosen_epoch')} (best by synthetic-pair val_psnr: "
@@ -198,7 +204,10 @@ def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any,
     final = round_of(rounds, selection.chosen_epoch)
     card_extra = _card_extra(rounds, final, selection, calib, users)
     model_dir = _export_model(selection, stage / MODEL_DIR, card_extra)
-    reg = _register(final.tcfg, final.trained.mlflow_run_id, model_dir, data.crops[:1, None], cfg)
+    verdict = selection.comparison.verdict
+    reg = _register(
+        final.tcfg, final.trained.mlflow_run_id, model_dir, data.crops[:1, None], cfg, verdict, client
+    )
     clock.lap("register")
     report = _report(cfg, calib, data, model_dir, (selection, rounds), reg, stage)
     clock.lap("report")
@@ -444,10 +453,23 @@ def _export_model(selection: Any, out: Path, extra: dict[str, Any]) -> Path:
     return out
 
 
+def alias_allowed(verdict: str, requires: str) -> bool:
+    """Whether the registered alias may move to the adapted model: always with ``requires='any'``, else
+    only on the no-reference verdict ``'better'`` (not on level, worse or undetermined)."""
+    return requires == "any" or verdict == "better"
+
+
 def _register(
-    tcfg: Any, run_id: str | None, model_dir: Path, example: np.ndarray, cfg: AdaptConfig
+    tcfg: Any,
+    run_id: str | None,
+    model_dir: Path,
+    example: np.ndarray,
+    cfg: AdaptConfig,
+    verdict: str,
+    client: Any,
 ) -> dict[str, Any]:
-    """Log the chosen model to the training (child) run and register it under ``cfg.mlflow`` with its alias."""
+    """Log the chosen model to the training (child) run and register it under ``cfg.mlflow``; its alias is
+    set only when :func:`alias_allowed` (the version is tagged ``semray.verdict`` either way)."""
     if run_id is None:
         return {"registry_uri": None}
     from semray.train.mlflow_log import log_final_model
@@ -455,10 +477,16 @@ def _register(
     reg_cfg = tcfg.model_copy(deep=True)
     reg_cfg.mlflow.register_model = True
     reg_cfg.mlflow.registered_model = cfg.mlflow.registered_model
-    reg_cfg.mlflow.alias = cfg.mlflow.alias
+    moved = alias_allowed(verdict, cfg.mlflow.alias_requires)
+    reg_cfg.mlflow.alias = cfg.mlflow.alias if moved else None
     reg = log_final_model(reg_cfg, run_id, model_dir, example.astype(np.float32))
+    if reg.name and reg.version:
+        client.set_model_version_tag(reg.name, str(reg.version), "semray.verdict", verdict)
     alias_uri = f"models:/{reg.name}@{reg.alias}" if reg.alias else reg.registry_uri
-    return {"registry_uri": alias_uri, "version": reg.version, "model_uri": reg.model_uri, "name": reg.name}
+    return {
+        "registry_uri": alias_uri, "version": reg.version, "model_uri": reg.model_uri, "name": reg.name,
+        "alias_moved": moved, "alias": cfg.mlflow.alias,
+    }  # fmt: skip
 
 
 def _report(
@@ -505,7 +533,8 @@ def _report(
         "closure": dict(calib.closure),
         "closure_warnings": closure_warnings(calib.closure),
         "calibration_summary": _calibration_summary(calib),
-        "model": {"dir": MODEL_DIR, "registry_uri": reg.get("registry_uri"), "version": reg.get("version")},
+        "model": {k: reg.get(k) for k in ("registry_uri", "version", "alias", "alias_moved")}
+        | {"dir": MODEL_DIR},
         "frames": {"n": len(data.noisy), "shifts": data.shifts} if data.shifts is not None else None,
     }
     (stage / "report.json").write_text(json.dumps(json_safe(report), indent=2))

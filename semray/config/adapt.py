@@ -171,6 +171,13 @@ class AdaptMlflowSection(StrictModel):
         pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
         description="Alias set on it (models:/NAME@ALIAS).",
     )
+    alias_requires: Literal["better", "any"] = Field(
+        "better",
+        description="better: the alias moves to the new version only when the no-reference verdict says the "
+        "adapted model is better than the init model (the version is registered either way, tagged "
+        "semray.verdict, so jobs that use models:/NAME@ALIAS keep the last model that earned it); any: it "
+        "moves whatever the verdict.",
+    )
 
 
 class AdaptConfig(StrictModel):
