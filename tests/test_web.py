@@ -77,6 +77,7 @@ def test_page_upload_two_models_sample_and_screenshot(app_url, browser):
 
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)  # expect() has its own 5 s default; page timeouts don't reach it
     problems: list[str] = []
     outside: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -171,6 +172,7 @@ def test_page_shows_server_errors(app_url, browser, tmp_path):
 
     page = browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
     page.goto(app_url)
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
     bad = tmp_path / "notes.png"
