@@ -36,10 +36,16 @@ difference. M starts at all local maxima in the bound and shrinks to those the t
 (peaks far below the highest never competed for it)."""
 
 
-def hann_windowed(image: np.ndarray) -> np.ndarray:
+def hann_window(shape: tuple[int, ...]) -> np.ndarray:
+    """2-D Hann window of ``shape`` (H, W), float64 in [0, 1]."""
+    return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
+
+
+def hann_windowed(image: np.ndarray, window: np.ndarray | None = None) -> np.ndarray:
     """``(image - mean) * Hann window``, float64 (H, W): without it the circular correlation sees the
-    jump between opposite borders of a non-periodic micrograph, which pulls the estimate towards zero."""
-    window = np.outer(np.hanning(image.shape[0]), np.hanning(image.shape[1]))
+    jump between opposite borders of a non-periodic micrograph, which pulls the estimate towards zero.
+    ``window``: :func:`hann_window` of the image's shape, when the caller already has it."""
+    window = hann_window(image.shape) if window is None else window
     return (image.astype(np.float64) - float(image.mean())) * window
 
 
@@ -169,8 +175,8 @@ def bounded_shift(
         raise ValueError(f"max_shift_px must be >= 0, got {max_shift_px}")
     if ref.shape != mov.shape or ref.ndim != 2:
         raise ValueError(f"ref and mov must be 2-D of one shape, got {ref.shape} and {mov.shape}")
-    ref_w, mov_w = hann_windowed(ref), hann_windowed(mov)
-    window = np.outer(np.hanning(ref.shape[0]), np.hanning(ref.shape[1]))
+    window = hann_window(ref.shape)
+    ref_w, mov_w = hann_windowed(ref, window), hann_windowed(mov, window)
     product = np.fft.fft2(ref_w) * np.conj(np.fft.fft2(mov_w))
     xc = np.fft.ifft2(product).real
     cands, top = _candidates(xc, max_shift_px)
