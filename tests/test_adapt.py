@@ -598,3 +598,14 @@ def test_alias_moves_only_on_a_better_verdict_unless_any(verdict: str, requires:
 
     assert alias_allowed(verdict, requires) is moves
     assert AdaptConfig().mlflow.alias_requires == "better"
+
+
+def test_result_lines_say_when_the_alias_was_not_moved(tmp_path: Path) -> None:
+    from semray.adapt.driver import AdaptResult
+
+    kept = AdaptResult(tmp_path, tmp_path / "model", "models:/semray-adapted/3", "p", "c", alias_moved=False)
+    moved = AdaptResult(
+        tmp_path, tmp_path / "model", "models:/semray-adapted@adapted", "p", "c", alias_moved=True
+    )
+    assert "alias not moved" in kept.lines()
+    assert "alias not moved" not in moved.lines()

@@ -58,6 +58,7 @@ class AdaptResult:
     verdict: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    alias_moved: bool | None = None  # False: registered, but the alias stayed (mlflow.alias_requires)
 
     def lines(self) -> str:
         return "\n".join(
@@ -65,9 +66,9 @@ class AdaptResult:
                 self.verdict,
                 f"  model:        {self.out_dir / MODEL_DIR}  ({self.registry_uri}"
                 + (
-                    ""
-                    if self.registry_uri is None or "@" in self.registry_uri
-                    else "; alias not moved: the verdict is not 'better' (mlflow.alias_requires)"
+                    "; alias not moved: the verdict is not 'better' (mlflow.alias_requires)"
+                    if self.alias_moved is False
+                    else ""
                 )
                 + ")",
                 f"  report:       {self.out_dir / 'report.html'}",
@@ -223,6 +224,7 @@ def _run(users: Sequence[UserImage], stage: Path, cfg: AdaptConfig, client: Any,
     return AdaptResult(
         stage, model_dir, reg.get("registry_uri"), parent, final.trained.mlflow_run_id,
         report["selection"], report["summary"], report["verdict"], clock.laps, report["rounds"],
+        reg.get("alias_moved"),
     )  # fmt: skip
 
 
